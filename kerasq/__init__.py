@@ -1,0 +1,20 @@
+"""kerasq: quantization-aware training and verified int8 TFLite export for Keras 3."""
+
+from kerasq import data, quantization
+from kerasq.quantization import (
+    ActivationQuantizer,
+    QuantizationScheme,
+    Quantize,
+    QuantizeAnnotate,
+    QuantizeWrapper,
+    WeightQuantizer,
+    is_quantized,
+    quantize_annotate_layer,
+    quantize_annotate_model,
+    quantize_apply,
+    quantize_model,
+    quantize_scope,
+    register_handler,
+)
+
+__version__ = "0.1.0"

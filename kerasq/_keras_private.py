@@ -1,0 +1,15 @@
+"""Every private Keras name kerasq depends on, in one place.
+
+`tests/test_keras_private.py` fails loudly when a Keras release changes any of them.
+"""
+
+from keras.src.models.functional import Functional  # noqa: F401  (no public alias exists)
+
+
+def is_functional(model):
+    """True for Functional models and their subclasses (e.g. `keras.applications` models).
+
+    Keras's config format counts a nested Functional model's own input-to-output node as node 0, so the
+    graph reader has to know; `keras.Model` subclasses that are not Functional have no such node.
+    """
+    return isinstance(model, Functional)

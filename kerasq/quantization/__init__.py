@@ -1,0 +1,23 @@
+"""Quantization-aware training: quantizers, schemes, the wrapper layer and the model rewrite."""
+
+from kerasq.quantization.handlers import (
+    FIXED,
+    PASS_THROUGH,
+    QUANTIZE,
+    KernelHandler,
+    LayerHandler,
+    get_handler,
+    register_handler,
+)
+from kerasq.quantization.layers import Quantize, QuantizeWrapper
+from kerasq.quantization.quantize import (
+    QuantizeAnnotate,
+    is_quantized,
+    quantize_annotate_layer,
+    quantize_annotate_model,
+    quantize_apply,
+    quantize_model,
+    quantize_scope,
+)
+from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+from kerasq.quantization.scheme import QuantizationScheme, get_scheme

@@ -1,0 +1,317 @@
+"""How each layer type runs under quantization-aware training: a registry users can extend.
+
+A handler says which of a layer's weights are fake-quantized (and along which axis), how the layer's
+math runs with those quantized weights, and what happens to its output:
+
+- `QUANTIZE`: the output gets its own moving-average range (Conv, Dense, Add, GlobalAveragePooling...).
+- `PASS_THROUGH`: the output keeps its input's quantization, as TFLite does for ops that only move or
+  select values (MaxPooling, Reshape, Flatten, Dropout, ZeroPadding...).
+- `FIXED`: TFLite fixes the output range (Softmax and logistic: [0, 255/256]; tanh: [-1, 127/128]).
+
+Register a handler for your own layer with `register_handler(MyLayer, handler)`.
+"""
+
+import keras
+from keras import layers, ops
+
+QUANTIZE = "quantize"
+PASS_THROUGH = "pass_through"
+FIXED = "fixed"
+
+# TFLite's int8 kernels fix these output ranges (scale 1/256, zero point -128; scale 1/128, zero point 0).
+UNIT_RANGE = (0.0, 255.0 / 256.0)
+TANH_RANGE = (-1.0, 127.0 / 128.0)
+_FIXED_RANGE_ACTIVATIONS = {"softmax": UNIT_RANGE, "sigmoid": UNIT_RANGE, "tanh": TANH_RANGE}
+# Activations TFLite fuses into the op before them: no quantization in between.
+FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+def activation_name(activation):
+    """The registered name of an activation function ('relu', 'softmax', ...) or None if unnamed."""
+    if activation is None:
+        return "linear"
+    name = keras.activations.serialize(activation)
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return name if isinstance(name, str) else None
+
+
+class LayerHandler:
+    """Quantizes a layer's output only; the layer runs as it is.
+
+    Args:
+        output: `QUANTIZE`, `PASS_THROUGH` or `FIXED`.
+        fixed_range: the output range when `output` is `FIXED`.
+        fuses_activation: TFLite fuses a ReLU/ReLU6 that follows this op into it, so the output is left
+            unquantized when one does.
+    """
+
+    has_kernels = False
+
+    def __init__(self, output=QUANTIZE, fixed_range=None, fuses_activation=False):
+        if output not in (QUANTIZE, PASS_THROUGH, FIXED):
+            raise ValueError(f"output must be one of quantize/pass_through/fixed; got {output!r}.")
+        if (output == FIXED) != (fixed_range is not None):
+            raise ValueError("fixed_range is given exactly when output is FIXED.")
+        self.output = output
+        self.fixed_range = fixed_range
+        self.fuses_activation = fuses_activation
+
+    def output_policy(self, layer):
+        """`(output, fixed_range)` for this layer instance."""
+        return self.output, self.fixed_range
+
+    def run(self, layer, inputs, *args, **kwargs):
+        return layer(inputs, *args, **kwargs)
+
+
+class ActivationHandler(LayerHandler):
+    """Activation layers: ranges fixed by TFLite where it fixes them, learned otherwise."""
+
+    def output_policy(self, layer):
+        name = _layer_activation_name(layer)
+        if name == "linear":
+            return PASS_THROUGH, None
+        if name in _FIXED_RANGE_ACTIVATIONS:
+            return FIXED, _FIXED_RANGE_ACTIVATIONS[name]
+        return QUANTIZE, None
+
+
+def fused_activation_name(layer):
+    """'relu' or 'relu6' if `layer` is an activation layer TFLite can fuse into the op before it."""
+    name = _layer_activation_name(layer)
+    return name if name in ("relu", "relu6") else None
+
+
+def _layer_activation_name(layer):
+    if isinstance(layer, layers.ReLU):
+        if layer.negative_slope or layer.threshold:
+            return "leaky_relu"
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else "clipped_relu"
+    if isinstance(layer, layers.Softmax):
+        return "softmax"
+    if isinstance(layer, layers.Activation):
+        return activation_name(layer.activation)
+    return None
+
+
+class KernelHandler(LayerHandler):
+    """Base for layers with weights that are fake-quantized (Dense, Conv, DepthwiseConv...).
+
+    Subclasses say which weights are kernels and along which axis their output channels lie, and run
+    the layer's linear math (no activation) with quantized kernels and a given bias.
+    """
+
+    has_kernels = True
+
+    def __init__(self):
+        super().__init__(output=QUANTIZE, fuses_activation=True)
+
+    def kernel_axes(self, layer):
+        """{weight attribute: output-channel axis, or None for one scale per tensor}."""
+        raise NotImplementedError
+
+    def output_channels(self, layer):
+        raise NotImplementedError
+
+    def linear(self, layer, inputs, kernels, bias):
+        """The layer's output before its activation, with `kernels` in place of its own."""
+        raise NotImplementedError
+
+    def fold_scale(self, layer, kernels, scale):
+        """Kernels with each output channel multiplied by `scale` (BatchNorm folding)."""
+        name = self.folded_kernel(layer)
+        kernel = kernels[name]
+        return {**kernels, name: kernel * ops.reshape(scale, self.scale_shape(layer, kernel))}
+
+    def folded_kernel(self, layer):
+        """The kernel whose output channels a following BatchNorm scales."""
+        (name,) = self.kernel_axes(layer)
+        return name
+
+    def scale_shape(self, layer, kernel):
+        return (1,) * (len(kernel.shape) - 1) + (kernel.shape[-1],)
+
+    def can_fold(self, layer):
+        return activation_name(layer.activation) == "linear" and _channels_last(layer)
+
+
+class DenseHandler(KernelHandler):
+    """Dense: one weight scale per tensor (TFLite's FULLY_CONNECTED rejects per-channel weights)."""
+
+    def kernel_axes(self, layer):
+        return {"kernel": None}
+
+    def output_channels(self, layer):
+        return layer.units
+
+    def linear(self, layer, inputs, kernels, bias):
+        outputs = ops.matmul(inputs, kernels["kernel"])
+        return outputs if bias is None else ops.add(outputs, bias)
+
+
+class ConvHandler(KernelHandler):
+    """Conv1D/2D/3D: one weight scale per output channel."""
+
+    def kernel_axes(self, layer):
+        return {"kernel": -1}
+
+    def output_channels(self, layer):
+        return layer.filters
+
+    def linear(self, layer, inputs, kernels, bias):
+        outputs = layer.convolution_op(inputs, kernels["kernel"])
+        return _add_bias(layer, outputs, bias)
+
+
+class DepthwiseConvHandler(KernelHandler):
+    """DepthwiseConv1D/2D: one weight scale per output channel (in_channels x depth_multiplier)."""
+
+    def kernel_axes(self, layer):
+        return {"kernel": "depthwise"}
+
+    def output_channels(self, layer):
+        return layer.kernel.shape[-2] * layer.depth_multiplier
+
+    def linear(self, layer, inputs, kernels, bias):
+        outputs = ops.depthwise_conv(
+            inputs,
+            kernels["kernel"],
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        return _add_bias(layer, outputs, bias)
+
+    def scale_shape(self, layer, kernel):
+        # Output channel c * multiplier + m scales kernel[..., c, m].
+        return (1,) * (len(kernel.shape) - 2) + tuple(kernel.shape[-2:])
+
+
+class SeparableConvHandler(KernelHandler):
+    """SeparableConv1D/2D: TFLite runs them as a depthwise then a 1x1 conv, with an int8 tensor
+    between them, so the intermediate output is quantized too (see `QuantizeWrapper`)."""
+
+    def kernel_axes(self, layer):
+        return {"depthwise_kernel": "depthwise", "pointwise_kernel": -1}
+
+    def output_channels(self, layer):
+        return layer.filters
+
+    def folded_kernel(self, layer):
+        return "pointwise_kernel"
+
+    def depthwise(self, layer, inputs, kernels):
+        return ops.depthwise_conv(
+            inputs,
+            kernels["depthwise_kernel"],
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+
+    def pointwise(self, layer, inputs, kernels, bias):
+        outputs = ops.conv(
+            inputs, kernels["pointwise_kernel"], strides=1, padding="valid",
+            data_format=layer.data_format,
+        )
+        return _add_bias(layer, outputs, bias)
+
+    def linear(self, layer, inputs, kernels, bias):
+        return self.pointwise(layer, self.depthwise(layer, inputs, kernels), kernels, bias)
+
+
+def _add_bias(layer, outputs, bias):
+    if bias is None:
+        return outputs
+    if layer.data_format == "channels_first":
+        bias = ops.reshape(bias, (1, -1) + (1,) * (len(outputs.shape) - 2))
+    return ops.add(outputs, bias)
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+_REGISTRY = {}
+
+
+def register_handler(layer_class, handler):
+    """Tells kerasq how to quantize `layer_class` (and subclasses that keep its `call`).
+
+    Example:
+    >>> import keras, kerasq
+    >>> class Scale(keras.layers.Layer):
+    ...     def call(self, x):
+    ...         return 2.0 * x
+    >>> kerasq.register_handler(Scale, kerasq.quantization.LayerHandler())
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+        raise TypeError(f"layer_class must be a keras Layer class; got {layer_class!r}.")
+    if not isinstance(handler, LayerHandler):
+        raise TypeError(f"handler must be a kerasq LayerHandler; got {handler!r}.")
+    _REGISTRY[layer_class] = handler
+
+
+def get_handler(layer):
+    """The handler for `layer`, or None when kerasq does not know how to quantize it.
+
+    A subclass of a registered class shares its handler only if it does not override `call`, since
+    the handler re-implements that `call` with quantized weights.
+    """
+    for klass in type(layer).__mro__:
+        handler = _REGISTRY.get(klass)
+        if handler is not None:
+            if klass is type(layer) or type(layer).call is klass.call:
+                return handler
+            return None
+    return None
+
+
+def _register_builtin_handlers():
+    pass_through = LayerHandler(output=PASS_THROUGH)
+    for layer_class in (
+        layers.MaxPooling1D, layers.MaxPooling2D, layers.MaxPooling3D,
+        layers.AveragePooling1D, layers.AveragePooling2D, layers.AveragePooling3D,
+        layers.Flatten, layers.Reshape, layers.Permute,
+        layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D, layers.SpatialDropout3D,
+        layers.GaussianNoise, layers.GaussianDropout, layers.AlphaDropout, layers.ActivityRegularization,
+        layers.ZeroPadding1D, layers.ZeroPadding2D, layers.ZeroPadding3D,
+        layers.Cropping1D, layers.Cropping2D, layers.Cropping3D,
+        layers.Identity,
+    ):
+        register_handler(layer_class, pass_through)
+    quantize = LayerHandler(output=QUANTIZE)
+    for layer_class in (
+        layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D, layers.GlobalAveragePooling3D,
+        layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.GlobalMaxPooling3D,
+        layers.Concatenate, layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
+        layers.LeakyReLU, layers.PReLU, layers.ELU,
+        layers.BatchNormalization, layers.LayerNormalization,
+        layers.UpSampling1D, layers.UpSampling2D,
+        layers.Rescaling,
+    ):
+        register_handler(layer_class, quantize)
+    fusing = LayerHandler(output=QUANTIZE, fuses_activation=True)
+    for layer_class in (layers.Add, layers.Subtract):
+        register_handler(layer_class, fusing)
+    activation = ActivationHandler()
+    for layer_class in (layers.Activation, layers.ReLU, layers.Softmax):
+        register_handler(layer_class, activation)
+    register_handler(layers.Dense, DenseHandler())
+    conv = ConvHandler()
+    for layer_class in (layers.Conv1D, layers.Conv2D, layers.Conv3D):
+        register_handler(layer_class, conv)
+    depthwise = DepthwiseConvHandler()
+    for layer_class in (layers.DepthwiseConv1D, layers.DepthwiseConv2D):
+        register_handler(layer_class, depthwise)
+    separable = SeparableConvHandler()
+    for layer_class in (layers.SeparableConv1D, layers.SeparableConv2D):
+        register_handler(layer_class, separable)
+
+
+_register_builtin_handlers()

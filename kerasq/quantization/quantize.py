@@ -1,0 +1,345 @@
+"""`quantize_model` and its tfmot-style relatives: turn a float Keras model into a QAT model."""
+
+import keras
+
+from kerasq.graph import LayerGraph
+from kerasq.quantization import handlers as handlers_lib
+from kerasq.quantization.layers import Quantize, QuantizeWrapper
+from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+from kerasq.quantization.scheme import QuantizationScheme, get_scheme
+
+
+def quantize_model(model, scheme="int8", skip=()):
+    """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
+
+    Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
+    float model input gets a `Quantize` layer, BatchNormalization is folded into the Conv/Dense before
+    it, and ReLU/ReLU6 are fused where TFLite fuses them. Nested Sequential/Functional models are
+    inlined. The result is a Functional model with the original weights, ready for `compile`/`fit`
+    and `kerasq.export_tflite`.
+
+    Args:
+        model: a built Sequential or Functional Keras model.
+        scheme: "int8" or a `kerasq.QuantizationScheme`.
+        skip: layers to leave in float: names, layer classes, or a predicate `fn(layer) -> bool`.
+            Their outputs are quantized again before the next quantized layer.
+
+    Example:
+    >>> import keras, kerasq
+    >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+    ...                           keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    >>> qat = kerasq.quantize_model(model)
+    >>> [type(layer).__name__ for layer in qat.layers]
+    ['InputLayer', 'Quantize', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper']
+    """
+    return _quantize(model, get_scheme(scheme), _skip_predicate(skip), annotated_only=False)
+
+
+def quantize_annotate_layer(to_annotate, scheme=None):
+    """Marks one layer for `quantize_apply` (tfmot's name); the layer still runs in float until then.
+
+    Example:
+    >>> import keras, kerasq
+    >>> dense = kerasq.quantize_annotate_layer(keras.layers.Dense(3))
+    >>> type(dense).__name__
+    'QuantizeAnnotate'
+    """
+    if not isinstance(to_annotate, keras.layers.Layer) or isinstance(to_annotate, keras.Model):
+        raise TypeError(
+            "quantize_annotate_layer takes a keras layer (not a model: use quantize_annotate_model); "
+            f"got {type(to_annotate).__name__}."
+        )
+    return QuantizeAnnotate(to_annotate, scheme=scheme)
+
+
+def quantize_annotate_model(to_annotate):
+    """Marks every layer of a model for `quantize_apply` (tfmot's name). Returns a new model."""
+    graph = LayerGraph(to_annotate)
+    clones, pending = {}, []
+
+    def call_layer(node, args, kwargs):
+        if id(node.layer) not in clones:
+            layer = _clone(node.layer, pending)
+            clones[id(node.layer)] = (
+                layer if isinstance(layer, QuantizeAnnotate) else QuantizeAnnotate(layer)
+            )
+        return clones[id(node.layer)](*args, **kwargs)
+
+    annotated = graph.rebuild(call_layer)
+    _copy_weights(pending)
+    return annotated
+
+
+def quantize_apply(model, scheme="int8"):
+    """Quantizes the layers marked with `quantize_annotate_layer`; the rest stays float (tfmot's name).
+
+    Example:
+    >>> import keras, kerasq
+    >>> inputs = keras.Input((4,))
+    >>> hidden = kerasq.quantize_annotate_layer(keras.layers.Dense(3))(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    >>> [type(layer).__name__ for layer in kerasq.quantize_apply(model).layers]
+    ['InputLayer', 'Quantize', 'QuantizeWrapper', 'Dense']
+    """
+    return _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True)
+
+
+def quantize_scope(*custom_objects):
+    """Context manager for loading QAT models saved by tfmot-style code.
+
+    kerasq's layers are registered with Keras on import, so `.keras` files load without it; it
+    exists so code written for tfmot runs unchanged, and accepts extra custom objects (dicts).
+    """
+    objects = {
+        "QuantizeWrapper": QuantizeWrapper,
+        "Quantize": Quantize,
+        "QuantizeAnnotate": QuantizeAnnotate,
+        "QuantizationScheme": QuantizationScheme,
+        "WeightQuantizer": WeightQuantizer,
+        "ActivationQuantizer": ActivationQuantizer,
+    }
+    for extra in custom_objects:
+        objects.update(extra)
+    return keras.saving.custom_object_scope(objects)
+
+
+def is_quantized(model):
+    """True if `model` holds kerasq fake-quantization layers (so it exports to an int8 file)."""
+    return any(isinstance(layer, (Quantize, QuantizeWrapper)) for layer in _all_layers(model))
+
+
+@keras.saving.register_keras_serializable(package="kerasq")
+class QuantizeAnnotate(keras.layers.Wrapper):
+    """A layer marked for quantization by `quantize_apply`; until then it runs its layer unchanged."""
+
+    def __init__(self, layer, scheme=None, **kwargs):
+        super().__init__(layer, **kwargs)
+        if isinstance(scheme, dict):
+            scheme = keras.saving.deserialize_keras_object(scheme)
+        self.scheme = None if scheme is None else get_scheme(scheme)
+
+    def call(self, inputs, *args, **kwargs):
+        return self.layer(inputs, *args, **kwargs)
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return self.layer.compute_output_shape(input_shape, *args, **kwargs)
+
+    def get_config(self):
+        scheme = keras.saving.serialize_keras_object(self.scheme) if self.scheme else None
+        return {**super().get_config(), "scheme": scheme}
+
+
+# ---- the rewrite -----------------------------------------------------------------------------------
+_FLOAT, _WRAP, _FOLDED = "float", "wrap", "folded"
+
+
+def _quantize(model, scheme, skip, annotated_only):
+    graph = LayerGraph(model)
+    plan = _plan(graph, scheme, skip, annotated_only)
+    substitutes, pending, names = {}, [], _UniqueNames()
+
+    def substitute(node):
+        key = id(node.layer)
+        if key not in substitutes:
+            step = plan[node.id]
+            layer = _unannotated(node.layer)
+            clone = _clone(layer, pending)
+            if step.action == _FLOAT:
+                substitutes[key] = clone
+            else:
+                batchnorm = None
+                if step.batchnorm is not None:
+                    batchnorm = _clone(step.batchnorm, pending)
+                substitutes[key] = QuantizeWrapper(
+                    clone,
+                    scheme=step.scheme,
+                    batchnorm=batchnorm,
+                    quantize_output=step.quantize_output,
+                    name=names.take(f"quant_{layer.name}"),
+                )
+        return substitutes[key]
+
+    def call_layer(node, args, kwargs):
+        step = plan[node.id]
+        if step.action == _FOLDED:
+            return args[0]
+        outputs = substitute(node)(*args, **kwargs)
+        if step.action == _FLOAT and step.requantize:
+            outputs = keras.tree.map_structure(
+                lambda tensor: _quantize_float(tensor, scheme, names.take(f"{node.layer.name}_quantize")),
+                outputs,
+            )
+        return outputs
+
+    def on_input(node, tensor):
+        if annotated_only and not any(plan[c.id].action == _WRAP for c in graph.consumers(node)):
+            return tensor
+        return _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
+
+    quantized = graph.rebuild(call_layer, on_input=on_input)
+    _copy_weights(pending)
+    return quantized
+
+
+def _quantize_float(tensor, scheme, name):
+    if not keras.backend.is_float_dtype(tensor.dtype):
+        return tensor
+    return Quantize(scheme.activations, name=name)(tensor)
+
+
+class _Step:
+    def __init__(self, action, scheme=None):
+        self.action = action
+        self.scheme = scheme
+        self.batchnorm = None
+        self.quantize_output = True
+        self.requantize = True
+
+
+def _plan(graph, scheme, skip, annotated_only):
+    """Decides, per layer call, whether it is wrapped, left in float, or folded into its producer."""
+    steps, unsupported = {}, []
+    for node in graph.nodes:
+        if node.is_input:
+            continue
+        layer = _unannotated(node.layer)
+        if annotated_only:
+            wanted = isinstance(node.layer, QuantizeAnnotate)
+        else:
+            wanted = not skip(layer)
+        if not wanted:
+            steps[node.id] = _Step(_FLOAT)
+            continue
+        if handlers_lib.get_handler(layer) is None:
+            unsupported.append(node)
+        layer_scheme = getattr(node.layer, "scheme", None) or scheme
+        steps[node.id] = _Step(_WRAP, layer_scheme)
+    if unsupported:
+        raise ValueError(_unsupported_message(unsupported))
+
+    for node in graph.nodes:
+        step = steps.get(node.id)
+        if step is None or step.action != _WRAP:
+            continue
+        handler = handlers_lib.get_handler(_unannotated(node.layer))
+        output_node = node
+        batchnorm_node = _foldable_batchnorm(graph, node, handler, steps)
+        if batchnorm_node is not None:
+            steps[batchnorm_node.id] = _Step(_FOLDED)
+            step.batchnorm = _unannotated(batchnorm_node.layer)
+            output_node = batchnorm_node
+        if handler.fuses_activation and _fused_activation_follows(graph, node, output_node, steps):
+            step.quantize_output = False
+
+    for node in graph.nodes:
+        step = steps.get(node.id)
+        if step is not None and step.action == _FLOAT:
+            # A float layer's output is quantized again only where a quantized layer reads it.
+            step.requantize = not annotated_only or any(
+                steps[c.id].action == _WRAP for c in graph.consumers(node)
+            ) or graph.is_model_output(node)
+    return steps
+
+
+def _foldable_batchnorm(graph, node, handler, steps):
+    layer = _unannotated(node.layer)
+    if not (handler.has_kernels and handler.can_fold(layer) and graph.calls_of(node.layer) == 1):
+        return None
+    if not steps[node.id].scheme.fold_batchnorm or graph.is_model_output(node):
+        return None
+    consumers = graph.consumers(node)
+    if len(consumers) != 1:
+        return None
+    (candidate,) = consumers
+    batchnorm = _unannotated(candidate.layer)
+    if not isinstance(batchnorm, keras.layers.BatchNormalization):
+        return None
+    if steps[candidate.id].action != _WRAP or graph.calls_of(candidate.layer) != 1:
+        return None
+    rank = batchnorm.input_spec.ndim if batchnorm.input_spec is not None else None
+    axis = batchnorm.axis[0] if isinstance(batchnorm.axis, (list, tuple)) else batchnorm.axis
+    last_axis = rank is not None and axis % rank == rank - 1
+    if not last_axis or batchnorm.moving_mean.shape[0] != handler.output_channels(layer):
+        return None
+    return candidate
+
+
+def _fused_activation_follows(graph, node, output_node, steps):
+    layer = _unannotated(node.layer)
+    if getattr(layer, "activation", None) is not None:
+        if handlers_lib.activation_name(layer.activation) != "linear":
+            return False
+    if graph.is_model_output(output_node) or graph.calls_of(node.layer) != 1:
+        return False
+    consumers = graph.consumers(output_node)
+    if len(consumers) != 1 or steps[consumers[0].id].action != _WRAP:
+        return False
+    return handlers_lib.fused_activation_name(_unannotated(consumers[0].layer)) is not None
+
+
+def _unsupported_message(nodes):
+    lines = [f"  - '{node.path}' ({type(_unannotated(node.layer)).__name__})" for node in nodes]
+    names = sorted({_unannotated(node.layer).name for node in nodes})
+    return (
+        "kerasq cannot quantize these layers:\n" + "\n".join(lines) + "\n"
+        f"Leave them in float with kerasq.quantize_model(model, skip={names}), or tell kerasq how "
+        "to quantize their class with kerasq.register_handler(LayerClass, handler)."
+    )
+
+
+def _skip_predicate(skip):
+    if callable(skip) and not isinstance(skip, type):
+        return skip
+    if isinstance(skip, (str, type)):
+        skip = [skip]
+    names, classes = set(), []
+    for entry in skip:
+        if isinstance(entry, str):
+            names.add(entry)
+        elif isinstance(entry, type):
+            classes.append(entry)
+        else:
+            raise TypeError(
+                f"skip takes layer names, layer classes or a predicate; got {entry!r}."
+            )
+    classes = tuple(classes)
+    return lambda layer: layer.name in names or (bool(classes) and isinstance(layer, classes))
+
+
+def _unannotated(layer):
+    return layer.layer if isinstance(layer, QuantizeAnnotate) else layer
+
+
+def _clone(layer, pending):
+    """A fresh copy of `layer` (same config) that never shares variables with the user's layer.
+
+    Its weights are copied by `_copy_weights(pending)` once the new model has built it."""
+    clone = type(layer).from_config(layer.get_config())
+    pending.append((clone, layer))
+    return clone
+
+
+def _copy_weights(pending):
+    for clone, original in pending:
+        clone.set_weights(original.get_weights())
+
+
+class _UniqueNames:
+    def __init__(self):
+        self.seen = set()
+
+    def take(self, name):
+        candidate, suffix = name, 1
+        while candidate in self.seen:
+            suffix += 1
+            candidate = f"{name}_{suffix}"
+        self.seen.add(candidate)
+        return candidate
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+

@@ -1,0 +1,82 @@
+"""Quantization schemes: which quantizers a model's weights and activations get."""
+
+import keras
+
+from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+
+
+@keras.saving.register_keras_serializable(package="kerasq")
+class QuantizationScheme:
+    """The quantizers and BatchNorm handling for quantization-aware training.
+
+    The default is TFLite's int8 scheme: 8-bit symmetric per-channel weights (per-tensor for Dense,
+    as TFLite's fully connected kernels require) and 8-bit asymmetric activations.
+
+    Args:
+        weights: a `WeightQuantizer`.
+        activations: an `ActivationQuantizer` (its settings apply to every activation whose range
+            TFLite does not fix).
+        fold_batchnorm: fold a BatchNormalization into the Conv/Dense before it, so the weights that
+            train are the weights deployed.
+        freeze_batchnorm: normalize with the moving statistics during training too (and stop updating
+            them); by default training normalizes with batch statistics, as float training does.
+
+    Example:
+    >>> scheme = QuantizationScheme(activations=ActivationQuantizer(ema_decay=0.999))
+    >>> scheme.weights.bits, scheme.activations.ema_decay
+    (8, 0.999)
+    """
+
+    def __init__(
+        self,
+        weights=None,
+        activations=None,
+        fold_batchnorm=True,
+        freeze_batchnorm=False,
+    ):
+        self.weights = weights if weights is not None else WeightQuantizer()
+        self.activations = activations if activations is not None else ActivationQuantizer()
+        if not isinstance(self.weights, WeightQuantizer):
+            raise TypeError(f"weights must be a kerasq WeightQuantizer; got {self.weights!r}.")
+        if not isinstance(self.activations, ActivationQuantizer):
+            raise TypeError(
+                f"activations must be a kerasq ActivationQuantizer; got {self.activations!r}."
+            )
+        self.fold_batchnorm = bool(fold_batchnorm)
+        self.freeze_batchnorm = bool(freeze_batchnorm)
+
+    def get_config(self):
+        return {
+            "weights": keras.saving.serialize_keras_object(self.weights),
+            "activations": keras.saving.serialize_keras_object(self.activations),
+            "fold_batchnorm": self.fold_batchnorm,
+            "freeze_batchnorm": self.freeze_batchnorm,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["weights"] = keras.saving.deserialize_keras_object(config["weights"])
+        config["activations"] = keras.saving.deserialize_keras_object(config["activations"])
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        return f"QuantizationScheme(weights={self.weights!r}, activations={self.activations!r})"
+
+
+_NAMED_SCHEMES = {"int8": QuantizationScheme}
+
+
+def get_scheme(scheme):
+    """Returns a `QuantizationScheme` from a scheme or a name ("int8")."""
+    if isinstance(scheme, QuantizationScheme):
+        return scheme
+    if isinstance(scheme, str) and scheme in _NAMED_SCHEMES:
+        return _NAMED_SCHEMES[scheme]()
+    raise ValueError(
+        f"Unknown quantization scheme {scheme!r}. Pass one of {sorted(_NAMED_SCHEMES)} or a "
+        "kerasq.QuantizationScheme."
+    )
