@@ -1,0 +1,338 @@
+"""export_tflite on real digits: float, post-training int8 and fake-quant (QAT-like) models."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from kerasq.data import load_digits
+from kerasq.export import ExportError, TFLiteModel, export_tflite, verify_tflite
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------
+
+class FakeQuant(keras.layers.Layer):
+    """Per-tensor fake-quant of activations on a fixed range."""
+
+    def __init__(self, low, high, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high = low, high
+
+    def call(self, x):
+        return keras.quantizers.fake_quant_with_min_max_vars(x, self.low, self.high, num_bits=8)
+
+
+class QConv(keras.layers.Layer):
+    """3x3 conv + ReLU with per-channel, narrow-range, symmetric fake-quant of the kernel."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(3, 3, input_shape[-1], self.filters), initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros")
+
+    def call(self, x):
+        r = keras.ops.max(keras.ops.abs(self.kernel), axis=(0, 1, 2))
+        kernel = keras.quantizers.fake_quant_with_min_max_vars(self.kernel, -r, r, num_bits=8, narrow_range=True, axis=-1)
+        return keras.ops.relu(keras.ops.conv(x, kernel) + self.bias)
+
+
+class QDense(keras.layers.Layer):
+    """Dense with per-tensor, narrow-range, symmetric fake-quant of the kernel (as TFLite requires)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.units,), initializer="zeros")
+
+    def call(self, x):
+        r = keras.ops.max(keras.ops.abs(self.kernel))
+        kernel = keras.quantizers.fake_quant_with_min_max_vars(self.kernel, -r, r, num_bits=8, narrow_range=True)
+        return keras.ops.matmul(x, kernel) + self.bias
+
+
+def compile_fit(model, data, epochs=3):
+    (x_train, y_train), _ = data
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def float_cnn(digits):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ],
+        name="float_cnn",
+    )
+    return compile_fit(model, digits)
+
+
+@pytest.fixture(scope="module")
+def qat_cnn(digits):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = FakeQuant(0.0, 1.0)(inputs)
+    x = FakeQuant(0.0, 6.0)(QConv(8)(x))
+    x = keras.layers.Flatten()(x)
+    outputs = FakeQuant(-16.0, 16.0, name="logits")(QDense(10)(x))
+    return compile_fit(keras.Model(inputs, outputs, name="qat_cnn"), digits)
+
+
+@pytest.fixture(scope="module")
+def ptq_bytes(float_cnn, digits):
+    (x_train, _), _ = digits
+    return export_tflite(float_cnn, representative_data=x_train)
+
+
+def weights_of(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+# ---- float mode ---------------------------------------------------------------------------------------
+
+def test_float_export_matches_keras(float_cnn, digits):
+    _, (x_test, y_test) = digits
+    tflite = TFLiteModel(export_tflite(float_cnn))
+    assert tflite.input_details[0]["dtype"] == np.float32
+    assert list(tflite.input_details[0]["shape_signature"]) == [-1, 8, 8, 1]  # dynamic batch
+    np.testing.assert_allclose(tflite.predict(x_test), float_cnn.predict(x_test, verbose=0), atol=1e-5)
+    assert not tflite.is_fully_integer
+
+
+def test_float_export_writes_file_atomically(float_cnn, tmp_path):
+    path = tmp_path / "new" / "dir" / "model.tflite"
+    content = export_tflite(float_cnn, path)
+    assert path.read_bytes() == content
+    path.write_bytes(b"old contents")
+    export_tflite(float_cnn, str(path))
+    assert path.read_bytes() == content
+    assert sorted(os.listdir(path.parent)) == ["model.tflite"]  # no temporary files left behind
+
+
+def test_failed_export_leaves_existing_file_alone(tmp_path):
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b"previous export")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: keras.ops.erfinv(t * 0.1))(inputs))
+    with pytest.raises(ExportError):
+        export_tflite(model, path)
+    assert path.read_bytes() == b"previous export"
+    assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+# ---- post-training int8 -------------------------------------------------------------------------------
+
+def test_ptq_is_fully_integer_and_accurate(float_cnn, ptq_bytes, digits):
+    _, (x_test, y_test) = digits
+    tflite = TFLiteModel(ptq_bytes)
+    assert tflite.is_fully_integer, tflite.float_tensors
+    assert tflite.float_tensors == []
+    assert tflite.input_details[0]["dtype"] == np.int8
+    assert tflite.output_details[0]["dtype"] == np.int8
+    float_accuracy = float(np.mean(float_cnn.predict(x_test, verbose=0).argmax(-1) == y_test))
+    assert float_accuracy > 0.7
+    assert tflite.evaluate(x_test, y_test) >= float_accuracy - 0.03
+
+
+def test_ptq_batch_sizes_give_identical_results(ptq_bytes, digits):
+    _, (x_test, _) = digits
+    tflite = TFLiteModel(ptq_bytes)
+    whole = tflite.predict_raw(x_test, batch_size=len(x_test))
+    assert whole.dtype == np.int8
+    for batch_size in (1, 7):
+        np.testing.assert_array_equal(tflite.predict_raw(x_test, batch_size=batch_size), whole)
+    np.testing.assert_array_equal(tflite.predict_raw(x_test[:1]), whole[:1])
+
+
+def test_ptq_accepts_generators_of_x_y_batches(float_cnn, digits):
+    (x_train, y_train), _ = digits
+
+    def batches():
+        for start in range(0, 96, 32):
+            yield x_train[start : start + 32], y_train[start : start + 32]
+
+    tflite = TFLiteModel(export_tflite(float_cnn, representative_data=batches()))
+    assert tflite.is_fully_integer
+
+
+def test_ptq_float_io(float_cnn, digits):
+    (x_train, _), (x_test, _) = digits
+    content = export_tflite(float_cnn, representative_data=x_train[:50], input_type="float32", output_type=np.float32)
+    tflite = TFLiteModel(content)
+    assert tflite.input_details[0]["dtype"] == np.float32
+    assert tflite.output_details[0]["dtype"] == np.float32
+    assert tflite.is_fully_integer  # float only at the edges: QUANTIZE in, DEQUANTIZE out
+    assert tflite.ops[0] == "QUANTIZE" and tflite.ops[-1] == "DEQUANTIZE"
+
+
+# ---- fake-quant (QAT) models --------------------------------------------------------------------------
+
+def test_fake_quant_model_converts_to_int8_without_data(qat_cnn, digits):
+    _, (x_test, y_test) = digits
+    content = export_tflite(qat_cnn)
+    tflite = TFLiteModel(content)
+    assert tflite.is_fully_integer, tflite.float_tensors
+    assert tflite.input_details[0]["dtype"] == np.int8
+    assert tflite.output_quantization[0][0] == pytest.approx(32.0 / 255.0)  # the logits' fake-quant range
+    report = verify_tflite(qat_cnn, content, x_test)
+    assert report.passed, str(report)
+    assert report.outputs[0].max_diff <= 1.0
+    assert abs(tflite.evaluate(x_test, y_test) - qat_cnn.evaluate(x_test, y_test, verbose=0)[1]) < 0.01
+
+
+# ---- inputs and outputs -------------------------------------------------------------------------------
+
+def multi_io_model():
+    keras.utils.set_random_seed(3)
+    a = keras.Input((6,), name="zeta")  # names sort opposite to the model's order
+    b = keras.Input((6,), name="alpha")
+    h = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([a, keras.layers.Dense(6)(b)]))
+    outputs = [
+        keras.layers.Dense(4, name="z_head")(h),
+        keras.layers.Dense(3, name="m_head")(h),
+        keras.layers.Dense(2, name="a_head")(a - b),
+    ]
+    return keras.Model([a, b], outputs)
+
+
+def test_multi_input_multi_output_keeps_order():
+    model = multi_io_model()
+    x = [np.random.default_rng(0).normal(size=(20, 6)).astype("float32") for _ in range(2)]
+    tflite = TFLiteModel(export_tflite(model))
+    assert tflite.input_names == ["zeta", "alpha"]
+    assert tflite.output_names == ["z_head", "m_head", "a_head"]
+    expected = model.predict(x, verbose=0)
+    got = tflite.predict(x, batch_size=7)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_multi_input_ptq_with_tuple_and_generator():
+    model = multi_io_model()
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(64, 6)).astype("float32"), rng.normal(size=(64, 6)).astype("float32"))
+    tflite = TFLiteModel(export_tflite(model, representative_data=x))
+    assert tflite.is_fully_integer
+    assert [d["dtype"] for d in tflite.output_details] == [np.int8] * 3
+    got = tflite.predict(list(x))
+    for g, e in zip(got, model.predict(list(x), verbose=0)):
+        assert np.abs(g - e).max() < 0.15 * (np.abs(e).max() + 1)  # int8, so close, not equal
+
+    def gen():
+        yield [x[0][:10], x[1][:10]]
+        yield [x[0][10:], x[1][10:]]
+
+    assert TFLiteModel(export_tflite(model, representative_data=gen())).is_fully_integer
+
+
+def test_dict_input_model():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+    x = {"a": np.ones((4, 3), "float32"), "b": np.full((4, 2), 2.0, "float32")}
+    tflite = TFLiteModel(export_tflite(model))
+    np.testing.assert_allclose(tflite.predict([x["a"], x["b"]]), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_user_model_is_unchanged(float_cnn, qat_cnn, digits):
+    (x_train, _), _ = digits
+    for model, kwargs in ((float_cnn, {}), (float_cnn, {"representative_data": x_train[:40]}), (qat_cnn, {})):
+        before = weights_of(model)
+        names = [w.path for w in model.weights]
+        export_tflite(model, **kwargs)
+        assert [w.path for w in model.weights] == names
+        for b, a in zip(before, model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_export_is_quiet(float_cnn, digits, capfd):
+    (x_train, _), _ = digits
+    environ = dict(os.environ)
+    export_tflite(float_cnn, representative_data=x_train[:20])
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert dict(os.environ) == environ
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+def test_not_a_keras_model():
+    with pytest.raises(TypeError, match=r"expects a Keras 3 model.*got an object of type 'dict'"):
+        export_tflite({"not": "a model"})
+
+
+def test_wrong_shape_representative_data(float_cnn):
+    with pytest.raises(ValueError, match=r"representative_data.*\(None, 8, 8, 1\).*float32.*got shape \(5, 8, 8\)"):
+        export_tflite(float_cnn, representative_data=np.zeros((5, 8, 8), "float32"))
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        export_tflite(float_cnn, representative_data=np.zeros((8, 8, 1), "float32"))
+    with pytest.raises(ValueError, match=r"got shape \(5, 9, 9, 1\)"):
+        export_tflite(float_cnn, representative_data=np.zeros((5, 9, 9, 1), "float32"))
+
+
+def test_non_finite_or_non_numeric_representative_data(float_cnn):
+    bad = np.zeros((5, 8, 8, 1), "float32")
+    bad[2, 3, 4, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 NaN and 0 inf.*\(2, 3, 4, 0\)"):
+        export_tflite(float_cnn, representative_data=bad)
+    bad[2, 3, 4, 0] = np.inf
+    with pytest.raises(ValueError, match="0 NaN and 1 inf"):
+        export_tflite(float_cnn, representative_data=bad)
+    with pytest.raises(ValueError, match="dtype <U"):
+        export_tflite(float_cnn, representative_data=np.full((5, 8, 8, 1), "a"))
+    with pytest.raises(ValueError, match="empty"):
+        export_tflite(float_cnn, representative_data=iter([]))
+
+
+def test_multi_input_data_errors_name_every_input():
+    model = multi_io_model()
+    with pytest.raises(ValueError, match=r"2 inputs.*'zeta' with shape \(None, 6\).*'alpha'"):
+        export_tflite(model, representative_data=np.zeros((4, 6), "float32"))
+    with pytest.raises(ValueError, match="same number of samples"):
+        export_tflite(model, representative_data=(np.zeros((4, 6)), np.zeros((3, 6))))
+
+
+def test_io_type_errors(float_cnn, qat_cnn):
+    with pytest.raises(NotImplementedError, match="16x8"):
+        export_tflite(qat_cnn, input_type="int16")
+    with pytest.raises(ValueError, match=r"output_type must be one of.*uint8"):
+        export_tflite(qat_cnn, output_type="uint8")
+    with pytest.raises(ValueError, match="representative_data"):
+        export_tflite(float_cnn, input_type="int8")
+
+
+def test_converter_failure_names_op_and_layer():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4)(inputs)
+    outputs = keras.layers.Lambda(lambda t: keras.ops.erfinv(keras.ops.tanh(t)), name="odd_layer")(hidden)
+    with pytest.raises(ExportError, match=r"The op Erfinv \(in layer 'odd_layer'\) is not a TFLite builtin op") as info:
+        export_tflite(keras.Model(inputs, outputs))
+    message = str(info.value)
+    assert len(message.splitlines()) < 6
+    assert info.value.__cause__ is not None
+
+
+def test_ptq_warns_when_ops_stay_float():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(keras.ops.sin, name="sine")(keras.layers.Dense(4)(inputs))
+    data = np.random.default_rng(0).random((20, 4)).astype("float32")
+    with pytest.warns(UserWarning, match="not fully integer: SIN run in float"):
+        content = export_tflite(keras.Model(inputs, outputs), representative_data=data)
+    assert not TFLiteModel(content).is_fully_integer
