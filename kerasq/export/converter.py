@@ -305,7 +305,7 @@ def _sanitized(names, prefix):
 def _export_error(model, mode, error, log):
     message = str(error) + "\n" + log
     ops = []
-    for pattern in (r"'tfl?\.(\w+)' op", r"(?m)^Custom ops: ([\w, ]+)$", r"not (?:yet )?supported for op:? '?(\w+)"):
+    for pattern in (r"'tfl?\.(\w+)' op", r"(?m)^Custom ops: ([\w, ]+)$", r"not (?:yet )?supported for op:? '?(?:tfl?\.)?(\w+)"):
         for match in re.findall(pattern, message):
             ops.extend(o.strip() for o in match.split(",") if o.strip())
     ops = list(dict.fromkeys(ops))
@@ -327,9 +327,10 @@ def _export_error(model, mode, error, log):
             "(https://ai.google.dev/edge/litert/models/ops_compatibility)."
         )
     else:
+        skip = f"skip={layers[:3]!r}" if layers else "skip=[<layer name>]"
         advice = (
-            f" The {subject} has no int8 support: leave that layer in float (exclude it from quantization when "
-            "calling quantize_model), or export without representative_data for a float file."
+            f" The {subject} has no int8 support: leave that layer in float with "
+            f"kerasq.quantize_model(model, {skip}), or export without representative_data for a float file."
         )
     return ExportError(
         f"Could not convert model '{model.name}' to TFLite ({_mode_text(mode)}).{advice}\nConverter said: {first}"

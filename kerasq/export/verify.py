@@ -1,0 +1,198 @@
+"""`verify_tflite`: how closely a .tflite file reproduces its Keras model, judged against the floor.
+
+TFLite's two CPU kernel paths (the default XNNPACK kernels and the reference kernels) do not agree to
+the bit on quantized models. Their disagreement is the floor no simulation can beat, so an output
+passes when its distance to Keras is within that floor (or one output step, whichever is larger).
+
+Example:
+>>> from kerasq.export import export_tflite, verify_tflite
+>>> report = verify_tflite(model, export_tflite(model, representative_data=x_train), x_test)
+>>> print(report)
+>>> assert report.passed
+"""
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+from kerasq.export.tflite_model import TFLiteModel
+from kerasq.validation import check_input_data, input_specs, pack_inputs
+
+MIN_AGREEMENT = 0.995  # argmax agreement an output needs (or the floor's, if the floor is lower)
+FRAGILE_DISAGREEMENT = 0.005  # kernel paths disagreeing on more argmaxes than this: numerically fragile
+FLOAT_RTOL = 1e-4  # float outputs: tolerance relative to the output's magnitude
+
+
+@dataclasses.dataclass
+class OutputParity:
+    """Parity figures of one output. `unit` is "steps" (multiples of the output's quantization step)
+    or "abs" (absolute differences, for float computations). Agreements are None without a class axis."""
+
+    name: str
+    shape: tuple
+    unit: str
+    step: float
+    agreement: float
+    max_diff: float
+    mean_diff: float
+    floor_agreement: float
+    floor_max_diff: float
+    floor_mean_diff: float
+    passed: bool
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """The result of `verify_tflite`: one `OutputParity` per model output."""
+
+    outputs: list
+    num_samples: int
+    size_bytes: int
+
+    @property
+    def passed(self):
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def fragile(self):
+        """True when the two kernel paths disagree on more than 0.5% of the argmaxes of some output."""
+        return any(o.floor_agreement is not None and o.floor_agreement < 1 - FRAGILE_DISAGREEMENT for o in self.outputs)
+
+    def as_dict(self):
+        return {
+            "passed": self.passed,
+            "fragile": self.fragile,
+            "num_samples": self.num_samples,
+            "size_bytes": self.size_bytes,
+            "outputs": [dataclasses.asdict(o) for o in self.outputs],
+        }
+
+    def __str__(self):
+        header = (f"{'output':<20} {'unit':<6} {'agree':>7} {'max':>9} {'mean':>9} │ "
+                  f"{'floor agree':>11} {'floor max':>9} {'floor mean':>10}  result")
+        lines = [f"TFLite parity on {self.num_samples} samples (TFLite default kernels vs Keras; floor: default vs "
+                 "reference kernels)", header, "─" * len(header)]
+        for o in self.outputs:
+            lines.append(
+                f"{o.name[:20]:<20} {o.unit:<6} {_pct(o.agreement):>7} {_num(o.max_diff):>9} {_num(o.mean_diff):>9} │ "
+                f"{_pct(o.floor_agreement):>11} {_num(o.floor_max_diff):>9} {_num(o.floor_mean_diff):>10}  "
+                f"{'PASS' if o.passed else 'FAIL'}"
+            )
+        if any(o.unit == "abs" for o in self.outputs):
+            lines.append("abs: float output, differences in absolute units (steps: multiples of the output's scale)")
+        lines.append(f"Result: {'PASSED' if self.passed else 'FAILED'}")
+        if self.fragile:
+            lines.append(_FRAGILE_TEXT)
+        return "\n".join(lines)
+
+
+_FRAGILE_TEXT = (
+    "Warning: the model is numerically fragile on device: TFLite's default and reference kernels disagree "
+    "on more than 0.5% of its predictions, so results will differ between phones/runtimes."
+)
+
+
+def verify_tflite(model, tflite, x, *, batch_size=256):
+    """Compares `model` and its .tflite file on inputs `x`, with the kernel-path floor for scale.
+
+    Args:
+        model: the Keras model the file was exported from.
+        tflite: the file: a path, its bytes, or a `TFLiteModel`.
+        x: inputs (an array, or a list of arrays in `model.inputs` order).
+        batch_size: batch size for both models.
+
+    Returns:
+        A `ParityReport`: per output, argmax agreement, max/mean |TFLite - Keras| (in output steps for
+        quantized outputs), the same figures between the two kernel paths, and pass/fail.
+        Warns once when the file is numerically fragile (`report.fragile`).
+    """
+    arrays = check_input_data(x, input_specs(model), "x")
+    default = tflite if isinstance(tflite, TFLiteModel) and tflite.kernels == "default" else None
+    default = default or TFLiteModel(tflite, kernels="default")
+    reference = TFLiteModel(default.content, kernels="reference")
+    if len(default.output_details) != len(model.outputs):
+        raise ValueError(
+            f"The model has {len(model.outputs)} outputs but the .tflite file has {len(default.output_details)}; "
+            "was it exported from this model?"
+        )
+
+    keras_out = _keras_predict(model, arrays, batch_size)
+    feed = arrays if len(arrays) > 1 else arrays[0]
+    raw_default = _as_list(default.predict(feed, batch_size, raw=True))
+    raw_reference = _as_list(reference.predict(feed, batch_size, raw=True))
+
+    outputs = []
+    for i, (ref, q_default, q_reference) in enumerate(zip(keras_out, raw_default, raw_reference)):
+        quant = default.output_quantization[i]
+        deq_default = _dequantize(q_default, quant)
+        deq_reference = _dequantize(q_reference, quant)
+        if ref.shape != deq_default.shape:
+            raise ValueError(
+                f"Output {i}: the Keras model gives shape {ref.shape} but the .tflite file {deq_default.shape}."
+            )
+        step = default.output_step(i)
+        scale = step if step else 1.0
+        diff = np.abs(deq_default.astype(np.float64) - ref.astype(np.float64)) / scale
+        floor = np.abs(deq_default.astype(np.float64) - deq_reference.astype(np.float64)) / scale
+        agreement = floor_agreement = None
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            agreement = float(np.mean(ref.argmax(-1) == deq_default.argmax(-1)))
+            floor_agreement = float(np.mean(deq_reference.argmax(-1) == deq_default.argmax(-1)))
+        max_diff, floor_max = float(diff.max()), float(floor.max())
+        if step:
+            tolerance = max(1.0, floor_max)
+        else:
+            tolerance = max(floor_max, FLOAT_RTOL * max(1.0, float(np.abs(ref).max())))
+        passed = max_diff <= tolerance + 1e-6
+        if agreement is not None:
+            passed = passed and agreement >= min(MIN_AGREEMENT, floor_agreement)
+        outputs.append(
+            OutputParity(
+                name=default.output_names[i],
+                shape=tuple(ref.shape[1:]),
+                unit="steps" if step else "abs",
+                step=float(step) if step else None,
+                agreement=agreement,
+                max_diff=max_diff,
+                mean_diff=float(diff.mean()),
+                floor_agreement=floor_agreement,
+                floor_max_diff=floor_max,
+                floor_mean_diff=float(floor.mean()),
+                passed=bool(passed),
+            )
+        )
+    report = ParityReport(outputs=outputs, num_samples=int(arrays[0].shape[0]), size_bytes=default.size_bytes)
+    if report.fragile:
+        warnings.warn(_FRAGILE_TEXT, RuntimeWarning, stacklevel=2)
+    return report
+
+
+def _keras_predict(model, arrays, batch_size):
+    import keras
+
+    parts = []
+    for start in range(0, arrays[0].shape[0], batch_size):
+        chunk = [a[start : start + batch_size] for a in arrays]
+        out = model(pack_inputs(model, chunk), training=False)
+        parts.append([np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)])
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+def _dequantize(q, quant):
+    if quant is None:
+        return np.asarray(q, np.float32)
+    scale, zero_point = quant
+    return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v):
+    return f"{v:.3g}"
