@@ -121,7 +121,7 @@ def _serving_function(model, specs, tf_names, out_names):
 
     signature = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(specs, tf_names)]
 
-    @tf.function(input_signature=signature, autograph=False)
+    @tf.function(input_signature=signature)
     def serve(*inputs):
         outputs = keras.tree.flatten(model(pack_inputs(model, list(inputs)), training=False))
         return {name: out for name, out in zip(out_names, outputs)}

@@ -106,6 +106,10 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
         A `ParityReport`: per output, argmax agreement, max/mean |TFLite - Keras| (in output steps for
         quantized outputs), the same figures between the two kernel paths, and pass/fail.
         Warns once when the file is numerically fragile (`report.fragile`).
+
+    The one-step criterion is for files whose Keras model simulates them (fake-quant/QAT models, or
+    float files). A float model against its post-training int8 file is typically a few steps apart:
+    there the argmax agreement is the figure to read.
     """
     arrays = check_input_data(x, input_specs(model), "x")
     default = tflite if isinstance(tflite, TFLiteModel) and tflite.kernels == "default" else None
