@@ -1,6 +1,7 @@
 """kerasq: quantization-aware training and verified int8 TFLite export for Keras 3."""
 
-from kerasq import data, quantization
+from kerasq import data, export, quantization
+from kerasq.export import ExportError, ParityReport, TFLiteModel, export_tflite, verify_tflite
 from kerasq.quantization import (
     ActivationQuantizer,
     QuantizationScheme,

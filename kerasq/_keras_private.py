@@ -4,6 +4,7 @@
 """
 
 from keras.src.models.functional import Functional  # noqa: F401  (no public alias exists)
+from keras import KerasTensor
 
 
 def is_functional(model):
@@ -13,3 +14,11 @@ def is_functional(model):
     graph reader has to know; `keras.Model` subclasses that are not Functional have no such node.
     """
     return isinstance(model, Functional)
+
+
+def producer(tensor):
+    """The layer whose call produced a symbolic `KerasTensor`, or None for any other value."""
+    if not isinstance(tensor, KerasTensor):
+        return None
+    history = getattr(tensor, "_keras_history", None)
+    return history[0] if history else None

@@ -263,8 +263,8 @@ def _deserialize_call(call_data, produced):
             return keras.saving.deserialize_keras_object(value)
         if isinstance(value, dict):
             return {key: convert(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [convert(item) for item in value]
+        if isinstance(value, (list, tuple)):
+            return type(value)(convert(item) for item in value)
         return value
 
     args = convert(call_data.get("args", []))

@@ -57,21 +57,23 @@ def export_tflite(model, path=None, *, representative_data=None, input_type=None
     >>> qat_model = kerasq.quantize_model(model)  # ... then qat_model.fit(...)
     >>> export_tflite(qat_model, "model_int8.tflite")  # fully int8, no calibration data needed
     """
+    from kerasq.quantization.layers import tracing_for_export
+
     _check_model(model)
     specs = input_specs(model)
     tf_names = _input_names(model, specs)
     out_names = _output_names(model)
     fn = _serving_function(model, specs, tf_names, out_names)
-    quantized = _is_quantized(model, fn)
-    mode = "qat" if quantized else ("ptq" if representative_data is not None else "float")
-    default = "float32" if mode == "float" else "int8"
-    in_type = _resolve_type(input_type, default, "input_type", mode)
-    out_type = _resolve_type(output_type, default, "output_type", mode)
-    calibration = None
-    if representative_data is not None:
-        calibration = _calibration_samples(representative_data, specs)
-
-    content = _convert(model, fn, mode, calibration, tf_names, in_type, out_type)
+    with tracing_for_export():
+        quantized = _is_quantized(model, fn)
+        mode = "qat" if quantized else ("ptq" if representative_data is not None else "float")
+        default = "float32" if mode == "float" else "int8"
+        in_type = _resolve_type(input_type, default, "input_type", mode)
+        out_type = _resolve_type(output_type, default, "output_type", mode)
+        calibration = None
+        if representative_data is not None:
+            calibration = _calibration_samples(representative_data, specs)
+        content = _convert(model, fn, mode, calibration, tf_names, in_type, out_type)
     content = _restore_io_order(content, tf_names, out_names)
     if mode != "float":
         _warn_if_float_ops(content)

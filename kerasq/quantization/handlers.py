@@ -6,6 +6,8 @@ math runs with those quantized weights, and what happens to its output:
 - `QUANTIZE`: the output gets its own moving-average range (Conv, Dense, Add, GlobalAveragePooling...).
 - `PASS_THROUGH`: the output keeps its input's quantization, as TFLite does for ops that only move or
   select values (MaxPooling, Reshape, Flatten, Dropout, ZeroPadding...).
+- `SAME_SCALE`: TFLite computes new values but keeps the input's scale and zero point (average
+  pooling, bilinear resizing), so the output is rounded to the input's grid.
 - `FIXED`: TFLite fixes the output range (Softmax and logistic: [0, 255/256]; tanh: [-1, 127/128]).
 
 Register a handler for your own layer with `register_handler(MyLayer, handler)`.
@@ -16,7 +18,9 @@ from keras import layers, ops
 
 QUANTIZE = "quantize"
 PASS_THROUGH = "pass_through"
+SAME_SCALE = "same_scale"
 FIXED = "fixed"
+_POLICIES = (QUANTIZE, PASS_THROUGH, SAME_SCALE, FIXED)
 
 # TFLite's int8 kernels fix these output ranges (scale 1/256, zero point -128; scale 1/128, zero point 0).
 UNIT_RANGE = (0.0, 255.0 / 256.0)
@@ -40,7 +44,7 @@ class LayerHandler:
     """Quantizes a layer's output only; the layer runs as it is.
 
     Args:
-        output: `QUANTIZE`, `PASS_THROUGH` or `FIXED`.
+        output: `QUANTIZE`, `PASS_THROUGH`, `SAME_SCALE` or `FIXED`.
         fixed_range: the output range when `output` is `FIXED`.
         fuses_activation: TFLite fuses a ReLU/ReLU6 that follows this op into it, so the output is left
             unquantized when one does.
@@ -49,8 +53,8 @@ class LayerHandler:
     has_kernels = False
 
     def __init__(self, output=QUANTIZE, fixed_range=None, fuses_activation=False):
-        if output not in (QUANTIZE, PASS_THROUGH, FIXED):
-            raise ValueError(f"output must be one of quantize/pass_through/fixed; got {output!r}.")
+        if output not in _POLICIES:
+            raise ValueError(f"output must be one of {_POLICIES}; got {output!r}.")
         if (output == FIXED) != (fixed_range is not None):
             raise ValueError("fixed_range is given exactly when output is FIXED.")
         self.output = output
@@ -75,6 +79,14 @@ class ActivationHandler(LayerHandler):
         if name in _FIXED_RANGE_ACTIVATIONS:
             return FIXED, _FIXED_RANGE_ACTIVATIONS[name]
         return QUANTIZE, None
+
+
+class UpSamplingHandler(LayerHandler):
+    """UpSampling: nearest-neighbour copies values; other interpolations compute new ones."""
+
+    def output_policy(self, layer):
+        nearest = getattr(layer, "interpolation", "nearest") == "nearest"
+        return (PASS_THROUGH if nearest else SAME_SCALE), None
 
 
 def fused_activation_name(layer):
@@ -115,6 +127,10 @@ class KernelHandler(LayerHandler):
 
     def output_channels(self, layer):
         raise NotImplementedError
+
+    def kernel_view(self, layer, name, kernel):
+        """The form of a kernel that is quantized and passed to `linear` (by default, itself)."""
+        return kernel
 
     def linear(self, layer, inputs, kernels, bias):
         """The layer's output before its activation, with `kernels` in place of its own."""
@@ -161,9 +177,14 @@ class ConvHandler(KernelHandler):
     def output_channels(self, layer):
         return layer.filters
 
+    def kernel_view(self, layer, name, kernel):
+        return _as_2d_kernel(layer, kernel)
+
     def linear(self, layer, inputs, kernels, bias):
-        outputs = layer.convolution_op(inputs, kernels["kernel"])
-        return _add_bias(layer, outputs, bias)
+        def conv(x, strides, padding, dilation_rate):
+            return ops.conv(x, kernels["kernel"], strides, padding, layer.data_format, dilation_rate)
+
+        return _add_bias(layer, _spatial_op(layer, inputs, conv), bias)
 
 
 class DepthwiseConvHandler(KernelHandler):
@@ -175,16 +196,11 @@ class DepthwiseConvHandler(KernelHandler):
     def output_channels(self, layer):
         return layer.kernel.shape[-2] * layer.depth_multiplier
 
+    def kernel_view(self, layer, name, kernel):
+        return _as_2d_kernel(layer, kernel)
+
     def linear(self, layer, inputs, kernels, bias):
-        outputs = ops.depthwise_conv(
-            inputs,
-            kernels["kernel"],
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
-        return _add_bias(layer, outputs, bias)
+        return _add_bias(layer, _depthwise(layer, inputs, kernels["kernel"]), bias)
 
     def scale_shape(self, layer, kernel):
         # Output channel c * multiplier + m scales kernel[..., c, m].
@@ -204,25 +220,56 @@ class SeparableConvHandler(KernelHandler):
     def folded_kernel(self, layer):
         return "pointwise_kernel"
 
+    def kernel_view(self, layer, name, kernel):
+        return _as_2d_kernel(layer, kernel)
+
     def depthwise(self, layer, inputs, kernels):
-        return ops.depthwise_conv(
-            inputs,
-            kernels["depthwise_kernel"],
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
+        return _depthwise(layer, inputs, kernels["depthwise_kernel"])
 
     def pointwise(self, layer, inputs, kernels, bias):
-        outputs = ops.conv(
-            inputs, kernels["pointwise_kernel"], strides=1, padding="valid",
-            data_format=layer.data_format,
-        )
-        return _add_bias(layer, outputs, bias)
+        def conv(x, strides, padding, dilation_rate):
+            ones = (1,) * len(strides)
+            return ops.conv(x, kernels["pointwise_kernel"], ones, "valid", layer.data_format, ones)
+
+        return _add_bias(layer, _spatial_op(layer, inputs, conv, pad=False), bias)
 
     def linear(self, layer, inputs, kernels, bias):
         return self.pointwise(layer, self.depthwise(layer, inputs, kernels), kernels, bias)
+
+
+def _depthwise(layer, inputs, kernel):
+    def depthwise(x, strides, padding, dilation_rate):
+        return ops.depthwise_conv(x, kernel, strides, padding, layer.data_format, dilation_rate)
+
+    return _spatial_op(layer, inputs, depthwise)
+
+
+def _as_2d_kernel(layer, kernel):
+    # TFLite has no 1D convolutions: the converter runs them as 2D ones and loses the per-channel
+    # axis of a fake-quantized 1D kernel on the way, so 1D kernels are quantized in their 2D shape.
+    return ops.expand_dims(kernel, 0) if layer.rank == 1 else kernel
+
+
+def _spatial_op(layer, inputs, op, pad=True):
+    """Runs `op(inputs, strides, padding, dilation_rate)` for `layer`, 1D layers as 2D ones."""
+    padding = layer.padding
+    if padding == "causal" and pad:
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        time_axis = 1 if layer.data_format == "channels_last" else 2
+        paddings = [[0, 0], [0, 0], [0, 0]]
+        paddings[time_axis] = [left, 0]
+        inputs = ops.pad(inputs, paddings)
+        padding = "valid"
+    if layer.rank != 1:
+        return op(inputs, tuple(layer.strides), padding, tuple(layer.dilation_rate))
+    height_axis = 1 if layer.data_format == "channels_last" else 2
+    outputs = op(
+        ops.expand_dims(inputs, height_axis),
+        (1,) + tuple(layer.strides),
+        padding,
+        (1,) + tuple(layer.dilation_rate),
+    )
+    return ops.squeeze(outputs, axis=height_axis)
 
 
 def _add_bias(layer, outputs, bias):
@@ -276,7 +323,6 @@ def _register_builtin_handlers():
     pass_through = LayerHandler(output=PASS_THROUGH)
     for layer_class in (
         layers.MaxPooling1D, layers.MaxPooling2D, layers.MaxPooling3D,
-        layers.AveragePooling1D, layers.AveragePooling2D, layers.AveragePooling3D,
         layers.Flatten, layers.Reshape, layers.Permute,
         layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D, layers.SpatialDropout3D,
         layers.GaussianNoise, layers.GaussianDropout, layers.AlphaDropout, layers.ActivityRegularization,
@@ -285,6 +331,12 @@ def _register_builtin_handlers():
         layers.Identity,
     ):
         register_handler(layer_class, pass_through)
+    same_scale = LayerHandler(output=SAME_SCALE)
+    for layer_class in (layers.AveragePooling1D, layers.AveragePooling2D, layers.AveragePooling3D):
+        register_handler(layer_class, same_scale)
+    upsampling = UpSamplingHandler()
+    for layer_class in (layers.UpSampling1D, layers.UpSampling2D, layers.UpSampling3D):
+        register_handler(layer_class, upsampling)
     quantize = LayerHandler(output=QUANTIZE)
     for layer_class in (
         layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D, layers.GlobalAveragePooling3D,
@@ -292,7 +344,6 @@ def _register_builtin_handlers():
         layers.Concatenate, layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
         layers.LeakyReLU, layers.PReLU, layers.ELU,
         layers.BatchNormalization, layers.LayerNormalization,
-        layers.UpSampling1D, layers.UpSampling2D,
         layers.Rescaling,
     ):
         register_handler(layer_class, quantize)

@@ -1,11 +1,32 @@
 """The layers a quantized model is made of: `Quantize` and `QuantizeWrapper`."""
 
+import contextlib
+import contextvars
+
 import keras
 from keras import ops
 
+from kerasq import _keras_private
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.quantizers import ActivationQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
+
+
+_TRACING_FOR_EXPORT = contextvars.ContextVar("kerasq_tracing_for_export", default=False)
+
+
+@contextlib.contextmanager
+def tracing_for_export():
+    """While active, layers trace the graph the TFLite converter expects rather than simulate it.
+
+    The only difference: same-scale ops (average pooling, bilinear resizing) skip the rounding that
+    mirrors TFLite's integer kernels, since in the exported file those kernels do it themselves.
+    """
+    token = _TRACING_FOR_EXPORT.set(True)
+    try:
+        yield
+    finally:
+        _TRACING_FOR_EXPORT.reset(token)
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
@@ -91,6 +112,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self.batchnorm = batchnorm
         self.quantize_output = bool(quantize_output)
         self.supports_masking = getattr(layer, "supports_masking", False)
+        self._policy = self.handler.output_policy(layer)[0]
+        self._input_range = None
+
+    def __call__(self, inputs, *args, **kwargs):
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
+            # Pass-through and same-scale ops keep their input's quantization: find whose it is. This
+            # runs whenever the model graph is built, by quantize_model and by .keras loading alike.
+            source = _input_range_of(inputs)
+            if source is not None:
+                self._input_range = source
+        return super().__call__(inputs, *args, **kwargs)
 
     # ---- building -------------------------------------------------------------------------------
     def build(self, input_shape):
@@ -119,7 +151,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             name = handlers_lib.activation_name(self.layer.activation)
             fixed_range = handlers_lib._FIXED_RANGE_ACTIVATIONS.get(name)
             policy = handlers_lib.FIXED if fixed_range else handlers_lib.QUANTIZE
-        if policy == handlers_lib.PASS_THROUGH or not self.quantize_output:
+        if policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not self.quantize_output:
             return None
         if policy == handlers_lib.FIXED:
             return self.scheme.activations.with_fixed_range(fixed_range)
@@ -132,6 +164,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = self._call_kernels(inputs, training)
         else:
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
+        rounds = self._policy == handlers_lib.SAME_SCALE and self._input_range is not None
+        if rounds and not _TRACING_FOR_EXPORT.get():
+            quantizer, state = self._input_range
+            outputs = quantizer.round_like_tflite(outputs, state)
         if self._output_quantizer is not None:
             outputs = self._output_quantizer(outputs, self._ranges["output"], training=training)
         return outputs
@@ -151,9 +187,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return outputs
 
     def _quantize_kernels(self, kernels):
-        axes = self.handler.kernel_axes(self.layer)
-        return {name: _quantize_kernel(self.scheme.weights, kernel, axes[name])
-                for name, kernel in kernels.items()}
+        handler, layer = self.handler, self.layer
+        axes = handler.kernel_axes(layer)
+        return {
+            name: _quantize_kernel(
+                self.scheme.weights, handler.kernel_view(layer, name, kernel), axes[name]
+            )
+            for name, kernel in kernels.items()
+        }
 
     def _linear(self, inputs, kernels, bias, training):
         handler = self.handler
@@ -205,6 +246,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             result[name] = (float(low), float(high))
         return result
 
+    @property
+    def output_range(self):
+        """`(quantizer, range variables)` this layer's output is quantized with, or None."""
+        if self._output_quantizer is not None:
+            return self._output_quantizer, self._ranges["output"]
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
+            return self._input_range
+        return None
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -215,6 +265,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             quantize_output=self.quantize_output,
         )
         return config
+
+
+def _input_range_of(inputs):
+    layer = _keras_private.producer(inputs)
+    if isinstance(layer, Quantize):
+        return layer.quantizer, layer._range
+    if isinstance(layer, QuantizeWrapper):
+        return layer.output_range
+    return None
 
 
 def _quantize_kernel(quantizer, kernel, axis):

@@ -153,6 +153,25 @@ class ActivationQuantizer:
             x, low, high, num_bits=self.bits, narrow_range=self.symmetric
         )
 
+    def round_like_tflite(self, x, state):
+        """Rounds `x` onto this quantizer's grid as TFLite's same-scale kernels (average pooling,
+        bilinear resizing) do: to the nearest integer value, ties away from zero in the signed integer
+        domain. `fake_quant` rounds ties up instead, which differs on every negative tie, and an average
+        of 4 integers is a tie one time in four. The gradient passes straight through."""
+        low, high = self.range(state)
+        levels = 2**self.bits - 1
+        quant_min = 1.0 if self.symmetric else 0.0
+        # The same nudging TensorFlow's fake-quant (and so the TFLite converter) applies to the range.
+        scale = (high - low) / (levels - quant_min)
+        zero_point = ops.clip(ops.round(quant_min - low / scale), quant_min, float(levels))
+        offset = float(2 ** (self.bits - 1))  # unsigned to signed
+        signed = (x / scale + zero_point) - offset
+        # Values here are averages of grid points, so a tie can come out a hair below .5.
+        magnitude = ops.floor(ops.abs(signed) + 0.5 + 1e-4)
+        rounded = ops.clip(ops.sign(signed) * magnitude, quant_min - offset, levels - offset)
+        snapped = (rounded + offset - zero_point) * scale
+        return x + ops.stop_gradient(snapped - x)
+
     def range(self, state):
         """The (min, max) the next inference call quantizes with, 0 included."""
         low = ops.minimum(ops.convert_to_tensor(state["min"]), 0.0)
