@@ -18,7 +18,7 @@ import numpy as np
 
 from kerasq.validation import InputSpec, check_input_data, format_shape
 
-KERNELS = ("default", "reference")
+KERNELS = ("default", "reference", "builtin")
 
 TensorInfo = collections.namedtuple(
     "TensorInfo", ["index", "name", "shape", "dtype", "scales", "zero_points", "quantized_dimension", "is_constant"]
@@ -133,7 +133,9 @@ class TFLiteModel:
         path_or_bytes: path to a .tflite file, or its bytes (e.g. the return value of `export_tflite`).
         kernels: `"default"` runs LiteRT's default CPU kernels (XNNPACK delegate), as on most phones;
             `"reference"` runs TFLite's reference kernels (`OpResolverType.BUILTIN_REF`), slow but
-            simple. The two do not always agree to the bit: `verify_tflite` measures by how much.
+            simple, as on microcontrollers; `"builtin"` runs TFLite's optimized builtin kernels without
+            XNNPACK, as on runtimes that disable it. They do not always agree to the bit:
+            `verify_tflite` measures by how much.
         num_threads: interpreter threads; `None` lets LiteRT choose.
 
     Float inputs are quantized for int8/int16 input tensors as `clip(floor(x / scale + 0.5) + zero_point)`
@@ -169,7 +171,11 @@ class TFLiteModel:
     def _make_interpreter(self):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        resolver = OpResolverType.AUTO if self.kernels == "default" else OpResolverType.BUILTIN_REF
+        resolver = {
+            "default": OpResolverType.AUTO,
+            "reference": OpResolverType.BUILTIN_REF,
+            "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        }[self.kernels]
         return Interpreter(
             model_content=self._content, num_threads=self.num_threads, experimental_op_resolver_type=resolver
         )
