@@ -1,0 +1,183 @@
+"""End to end: float training, QAT on the real digits, int8 export, and parity with LiteRT.
+
+For every architecture: the exported file is fully integer, and the QAT model and the file agree on
+the argmax of >= 99.5% of the test samples (or as often as TFLite's own kernel paths agree with each
+other, if less) with a max output difference within max(1 step, the kernel-path floor).
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import kerasq
+
+def _train(model, x, y, epochs, learning_rate, seed=0):
+    keras.utils.set_random_seed(seed)
+    probabilities = isinstance(model.layers[-1], layers.Softmax) or (
+        getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+    model.compile(keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def _qat_and_export(model, data, epochs, qat_epochs, learning_rate=2e-3, tmp_path=None):
+    (x_train, y_train), (x_test, y_test) = data
+    _train(model, x_train, y_train, epochs, learning_rate)
+    float_weights = [w.copy() for w in model.get_weights()]
+    qat = kerasq.quantize_model(model)
+    _train(qat, x_train, y_train, qat_epochs, learning_rate / 4)
+    for before, after in zip(float_weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)  # the user's model is never touched
+    path = tmp_path / "model.tflite"
+    kerasq.export_tflite(qat, path)
+    tflite = kerasq.TFLiteModel(path)
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    return qat, tflite, report
+
+
+def _assert_parity(report, tflite):
+    assert tflite.is_fully_integer, tflite.float_tensors
+    for name in ("input_quantization", "output_quantization"):
+        assert all(q is not None for q in getattr(tflite, name)), f"{name}: int8 in and out expected"
+    for output in report.outputs:
+        assert output.agreement >= min(0.995, output.floor_agreement), str(report)
+        # Outputs lie on the quantization grid: differences are whole steps up to float error.
+        assert output.max_diff <= max(1.0, output.floor_max_diff) + 1e-3, str(report)
+    assert report.passed, str(report)
+
+
+def _accuracy(predictions, labels):
+    return float(np.mean(np.argmax(predictions, -1) == labels))
+
+
+def small_cnn():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            layers.Conv2D(16, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(momentum=0.9),
+            layers.ReLU(),
+            layers.Conv2D(32, 3, padding="same"),
+            layers.BatchNormalization(momentum=0.9),
+            layers.ReLU(),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+
+
+def every_layer_model():
+    """A Functional model with each layer type the int8 scheme supports."""
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(16, 3, padding="same")(inputs)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.ReLU()(x)
+    residual = layers.Conv2D(16, 3, padding="same")(x)
+    residual = layers.BatchNormalization(momentum=0.9)(residual)
+    x = layers.Add()([x, residual])  # ResNet-style: Add after BatchNorm, then ReLU
+    x = layers.Activation("relu")(x)
+    branch = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same")(x)
+    branch = layers.BatchNormalization(momentum=0.9)(branch)
+    branch = layers.ReLU(6.0)(branch)
+    other = layers.SeparableConv2D(16, 3, padding="same", activation="relu")(x)
+    x = layers.Concatenate()([branch, other])
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.AveragePooling2D(2)(x)
+    x = layers.MaxPooling2D(2, padding="same")(x)
+    x = layers.Reshape((3 * 3 * 48,))(x)
+    x = layers.Dropout(0.2)(x)
+    x = layers.Dense(32, activation="relu")(x)
+    x = layers.Dense(10)(x)
+    outputs = layers.Softmax()(x)
+    return keras.Model(inputs, outputs)
+
+
+def conv1d_model():
+    inputs = keras.Input((8, 8))  # each digit as 8 time steps of 8 features
+    x = layers.Conv1D(32, 3, padding="causal")(inputs)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv1D(32, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling1D(2)(x)
+    x = layers.GlobalAveragePooling1D()(x)
+    x = layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs, x)
+
+
+def test_small_cnn_parity_and_accuracy(digits, tmp_path):
+    qat, tflite, report = _qat_and_export(small_cnn(), digits, epochs=20, qat_epochs=2, tmp_path=tmp_path)
+    _assert_parity(report, tflite)
+    (_, _), (x_test, y_test) = digits
+    assert tflite.evaluate(x_test, y_test) > 0.9
+    assert set(tflite.ops) <= {"CONV_2D", "MEAN", "FULLY_CONNECTED"}  # BN folded, ReLU fused
+
+
+def test_every_supported_layer_parity(digits, tmp_path):
+    qat, tflite, report = _qat_and_export(
+        every_layer_model(), digits, epochs=15, qat_epochs=2, tmp_path=tmp_path
+    )
+    _assert_parity(report, tflite)
+    assert "BATCH_NORMALIZATION" not in tflite.ops and "MUL" not in tflite.ops
+    for op in ("ADD", "DEPTHWISE_CONV_2D", "CONCATENATION", "AVERAGE_POOL_2D", "SOFTMAX", "PAD"):
+        assert op in tflite.ops
+    (_, _), (x_test, y_test) = digits
+    # Softmax's output range is TFLite's fixed one: scale 1/256, zero point -128.
+    scale, zero_point = tflite.output_quantization[0]
+    assert scale == pytest.approx(1 / 256) and zero_point == -128
+    assert _accuracy(tflite.predict(x_test), y_test) > 0.85
+
+
+def test_depthwise_scales_match_the_exported_file(digits, tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False),
+            layers.BatchNormalization(momentum=0.9),
+            layers.ReLU(),
+            layers.Flatten(),
+            layers.Dense(10),
+        ]
+    )
+    (x_train, y_train), (x_test, y_test) = digits
+    rgb = ((np.repeat(x_train, 3, -1), y_train), (np.repeat(x_test, 3, -1), y_test))
+    qat, tflite, report = _qat_and_export(model, rgb, epochs=3, qat_epochs=1, tmp_path=tmp_path)
+    _assert_parity(report, tflite)
+    (wrapper,) = [
+        layer for layer in qat.layers
+        if isinstance(layer, kerasq.QuantizeWrapper) and isinstance(layer.layer, layers.DepthwiseConv2D)
+    ]
+    bn = wrapper.batchnorm
+    folded = keras.ops.convert_to_numpy(wrapper.layer.kernel) * keras.ops.convert_to_numpy(
+        bn.gamma / keras.ops.sqrt(bn.moving_variance + bn.epsilon)
+    ).reshape(3, 2)
+    expected = np.abs(folded.reshape(-1, 6)).max(0) / 127.0  # channel c * multiplier + m
+    (filters,) = [t for t in tflite.tensors if t.is_constant and len(t.shape) == 4]
+    assert len(filters.scales) == 6  # in_channels x depth_multiplier
+    np.testing.assert_allclose(filters.scales, expected, rtol=1e-5)
+
+
+def test_conv1d_parity(digits, tmp_path):
+    (x_train, y_train), (x_test, y_test) = digits
+    sequences = ((x_train[..., 0], y_train), (x_test[..., 0], y_test))
+    qat, tflite, report = _qat_and_export(conv1d_model(), sequences, epochs=15, qat_epochs=2, tmp_path=tmp_path)
+    _assert_parity(report, tflite)
+    assert tflite.evaluate(x_test[..., 0], y_test) > 0.85
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_parity(digits_32, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 1), alpha=0.35, weights=None, classes=10, classifier_activation=None
+    )
+    for layer in model.layers:  # small data, few steps: the default 0.999 would barely move
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = 0.9
+    qat, tflite, report = _qat_and_export(model, digits_32, epochs=12, qat_epochs=2, tmp_path=tmp_path)
+    _assert_parity(report, tflite)
+    assert tflite.ops.count("DEPTHWISE_CONV_2D") == 17 and "BATCH_NORMALIZATION" not in tflite.ops
+    (_, _), (x_test, y_test) = digits_32
+    assert tflite.evaluate(x_test, y_test) > 0.8
