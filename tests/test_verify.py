@@ -10,31 +10,7 @@ from kerasq.data import load_digits
 from kerasq.export import ParityReport, TFLiteModel, export_tflite, verify_tflite
 from kerasq.export.verify import OutputParity
 
-
-class FakeQuant(keras.layers.Layer):
-    def __init__(self, low, high, **kwargs):
-        super().__init__(**kwargs)
-        self.low, self.high = low, high
-
-    def call(self, x):
-        return keras.quantizers.fake_quant_with_min_max_vars(x, self.low, self.high, num_bits=8)
-
-
-class QDense(keras.layers.Layer):
-    """Dense with a per-tensor, narrow-range, symmetric fake-quant kernel."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="glorot_uniform")
-        self.bias = self.add_weight(shape=(self.units,), initializer="random_normal")
-
-    def call(self, x):
-        r = keras.ops.max(keras.ops.abs(self.kernel))
-        kernel = keras.quantizers.fake_quant_with_min_max_vars(self.kernel, -r, r, num_bits=8, narrow_range=True)
-        return keras.ops.matmul(x, kernel) + self.bias
+from fake_quant_layers import FakeQuant, QDense
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +23,8 @@ def qat_mlp():
     keras.utils.set_random_seed(7)
     inputs = keras.Input((8, 8, 1))
     x = FakeQuant(0.0, 1.0)(keras.layers.Flatten()(inputs))
-    x = FakeQuant(0.0, 4.0)(keras.layers.ReLU()(QDense(16)(x)))
-    outputs = FakeQuant(-4.0, 4.0, name="logits")(QDense(10)(x))
+    x = FakeQuant(0.0, 4.0)(keras.layers.ReLU()(QDense(16, bias_initializer="random_normal")(x)))
+    outputs = FakeQuant(-4.0, 4.0, name="logits")(QDense(10, bias_initializer="random_normal")(x))
     return keras.Model(inputs, outputs)
 
 

@@ -17,8 +17,22 @@ from keras import ops
 _SERIALIZATION_PACKAGE = "kerasq"
 
 
+class _Configurable:
+    """`from_config` and value equality for objects fully described by their `get_config()`."""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(type(self).__name__)
+
+
 @keras.saving.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class WeightQuantizer:
+class WeightQuantizer(_Configurable):
     """Symmetric fake-quantizer for weights.
 
     Args:
@@ -61,19 +75,12 @@ class WeightQuantizer:
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
     def __repr__(self):
         return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
 
 
 @keras.saving.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
-class ActivationQuantizer:
+class ActivationQuantizer(_Configurable):
     """Fake-quantizer for activations with a range learned from the data.
 
     During training the range follows an exponential moving average of each batch's minimum and
@@ -205,13 +212,6 @@ class ActivationQuantizer:
             "init_max": self.init_max,
             "fixed_range": list(self.fixed_range) if self.fixed_range else None,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits}, ema_decay={self.ema_decay})"
