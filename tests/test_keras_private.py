@@ -1,0 +1,70 @@
+"""The private Keras names kerasq depends on: a Keras release that moves one fails here, loudly."""
+
+import importlib
+
+import keras
+import numpy as np
+
+
+def test_module_imports():
+    module = importlib.import_module("kerasq._keras_private")
+    assert isinstance(module.Functional, type)
+    assert issubclass(module.Functional, keras.Model)
+
+
+def _functional():
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, keras.layers.Dense(2)(inputs))
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_is_functional_true_for_functional_models():
+    from kerasq import _keras_private
+
+    assert _keras_private.is_functional(_functional()) is True
+    application = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False
+    )
+    assert _keras_private.is_functional(application) is True
+
+
+def test_is_functional_false_for_sequential_and_subclassed_models():
+    from kerasq import _keras_private
+
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert _keras_private.is_functional(sequential) is False
+    subclassed = _Subclassed()
+    subclassed(np.zeros((1, 3), "float32"))
+    assert _keras_private.is_functional(subclassed) is False
+    assert _keras_private.is_functional(keras.layers.Dense(2)) is False
+
+
+def test_functional_config_counts_its_own_node_first():
+    """The Keras config quirk the graph reader relies on: a nested Functional model's first call is
+    node 1 in `output_layers` (node 0 is its own input-to-output node), a Sequential's is node 0."""
+    inner_in = keras.Input((3,))
+    inner = keras.Model(inner_in, keras.layers.Dense(2)(inner_in), name="inner")
+    sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="seq")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, [inner(inputs), sequential(inputs)])
+    assert model.get_config()["output_layers"] == [["inner", 1, 0], ["seq", 0, 0]]
+
+
+def test_producer_of_symbolic_tensors():
+    """`producer` reads the private `_keras_history` of a KerasTensor."""
+    from kerasq import _keras_private
+
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(2)
+    outputs = dense(inputs)
+    assert _keras_private.producer(outputs) is dense
+    assert _keras_private.producer(np.zeros(3)) is None
+    assert _keras_private.producer(keras.ops.zeros(3)) is None
