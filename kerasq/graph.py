@@ -152,6 +152,7 @@ class LayerGraph:
         config = model.get_config()
         produced = {}  # layer name -> [outputs of its 1st call, of its 2nd call, ...]
         input_leaves = _leaves(config["input_layers"], is_leaf=_is_history)
+        input_names = {layer_name for layer_name, _, _ in input_leaves}
         if bound_inputs is not None and len(bound_inputs) != len(input_leaves):
             raise ValueError(
                 f"Nested model '{model.name}' takes {len(input_leaves)} inputs but is called with "
@@ -187,6 +188,10 @@ class LayerGraph:
 
         def lookup(history):
             layer_name, call_index, tensor_index = history
+            # Unlike call arguments, input/output entries keep Keras's own node numbering, in which a
+            # nested Functional model's node 0 is its own input-to-output node.
+            if layer_name not in input_names and _keras_private.is_functional(model.get_layer(layer_name)):
+                call_index -= 1
             return produced[layer_name][call_index][tensor_index]
 
         inputs = _map_leaves(lookup, config["input_layers"], _is_history)

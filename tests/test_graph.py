@@ -331,11 +331,6 @@ def test_nested_model_called_twice_shares_its_layers():
     _assert_same_predictions(model, rebuilt, [_random(3, 4), _random(3, 4)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph._read_functional maps output_layers entries of a nested Functional model without "
-    "Keras's +1 node offset (its own input-to-output node): IndexError",
-)
 def test_nested_functional_output_is_the_model_output():
     inner = _inner_functional()
     inputs = keras.Input((4,), name="x")
@@ -345,11 +340,6 @@ def test_nested_functional_output_is_the_model_output():
     _assert_same_predictions(model, _same_layers(graph), _random(3, 4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same +1 node offset of nested Functional models in output_layers: the first call's "
-    "output silently resolves to the second call's",
-)
 def test_shared_nested_functional_output_resolves_to_the_right_call():
     inner = _inner_functional()
     x, y = keras.Input((4,), name="x"), keras.Input((4,), name="y")

@@ -551,13 +551,7 @@ def test_skipping_a_supported_layer_by_name():
     assert isinstance(qat.get_layer("quant_b"), QuantizeWrapper)
 
 
-_NAME_BUG = (
-    "quantize._quantize takes unique names only for the layers it creates: a float (skipped) clone "
-    "keeps its name, so it can collide with a wrapper, a Quantize layer or another nested model's layer"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=_NAME_BUG)
 def test_skipped_layers_of_two_nested_models_with_the_same_names():
     def block(name):
         inputs = keras.Input((4,))
@@ -571,7 +565,6 @@ def test_skipped_layers_of_two_nested_models_with_the_same_names():
     assert sum(isinstance(w.layer, keras.layers.Dense) for w in _wrappers(qat)) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=_NAME_BUG)
 def test_skipped_layer_whose_name_a_wrapper_would_take():
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(3, name="dense"), keras.layers.Dense(2, name="quant_dense")]
@@ -624,11 +617,6 @@ def test_skip_rejects_other_things():
         kerasq.quantize_model(model, skip=[3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quantize._plan requantizes every float layer's output under quantize_model, even when "
-    "only float layers read it (documented: 'before the next quantized layer')",
-)
 def test_no_quantize_between_two_skipped_layers():
     inputs = keras.Input((5, 3))
     hidden = keras.layers.LSTM(4, return_sequences=True, name="lstm1")(inputs)
@@ -661,11 +649,6 @@ def test_quantize_apply_wraps_only_annotated_layers():
     _assert_weights_equal(_weights(annotated_a), _weights(qat.get_layer("quant_a").layer))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quantize._plan: requantize is forced for float layers that are model outputs even under "
-    "quantize_apply, so a float output gets a trailing Quantize (the quantize_apply docstring says not)",
-)
 def test_quantize_apply_leaves_a_float_output_float():
     inputs = keras.Input((4,))
     hidden = kerasq.quantize_annotate_layer(keras.layers.Dense(3))(inputs)
@@ -720,14 +703,7 @@ def test_keras_file_round_trip_after_fit(trained, digits, tmp_path):
     assert any(not np.array_equal(old, new) for old, new in zip(before, _weights(loaded)))
 
 
-_PASS_THROUGH_BUG = (
-    "QuantizeWrapper.__call__ keeps the producer's (quantizer, range variables) in a Keras-tracked "
-    "attribute: a pass-through wrapper (Flatten, MaxPooling...) owns another layer's variables, and "
-    "once built (as .keras loading builds it) calling it raises"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=_PASS_THROUGH_BUG)
 def test_keras_file_round_trip_with_pass_through_layers(digits, tmp_path):
     (x_train, _), (x_test, _) = digits
     qat = kerasq.quantize_model(_conv_bn_relu_model())
@@ -738,7 +714,6 @@ def test_keras_file_round_trip_with_pass_through_layers(digits, tmp_path):
     np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), qat.predict(x_test, verbose=0))
 
 
-@pytest.mark.xfail(strict=True, reason=_PASS_THROUGH_BUG)
 def test_pass_through_wrappers_own_no_variables():
     qat = kerasq.quantize_model(_conv_bn_relu_model())
     for name in ("quant_pool", "quant_flat"):

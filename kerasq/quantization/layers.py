@@ -41,7 +41,7 @@ class Quantize(keras.layers.Layer):
     >>> layer = Quantize()
     >>> y = layer(np.linspace(-1, 1, 5, dtype="float32")[None], training=True)
     >>> [round(float(v), 3) for v in np.asarray(y)[0]]
-    [-1.0, -0.498, 0.0, 0.502, 1.0]
+    [-0.996, -0.502, 0.0, 0.502, 1.004]
     """
 
     def __init__(self, quantizer=None, **kwargs):
@@ -85,7 +85,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     Example:
     >>> import keras
     >>> wrapper = QuantizeWrapper(keras.layers.Dense(4))
-    >>> wrapper(keras.ops.ones((2, 3))).shape
+    >>> tuple(wrapper(keras.ops.ones((2, 3))).shape)
     (2, 4)
     """
 
@@ -121,7 +121,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             # runs whenever the model graph is built, by quantize_model and by .keras loading alike.
             source = _input_range_of(inputs)
             if source is not None:
-                self._input_range = source
+                # Not `self._input_range = ...`: Keras would track the other layer's variables as ours.
+                object.__setattr__(self, "_input_range", source)
         return super().__call__(inputs, *args, **kwargs)
 
     # ---- building -------------------------------------------------------------------------------

@@ -141,22 +141,7 @@ def _quantize(model, scheme, skip, annotated_only):
     def substitute(node):
         key = id(node.layer)
         if key not in substitutes:
-            step = plan[node.id]
-            layer = _unannotated(node.layer)
-            clone = _clone(layer, pending)
-            if step.action == _FLOAT:
-                substitutes[key] = clone
-            else:
-                batchnorm = None
-                if step.batchnorm is not None:
-                    batchnorm = _clone(step.batchnorm, pending)
-                substitutes[key] = QuantizeWrapper(
-                    clone,
-                    scheme=step.scheme,
-                    batchnorm=batchnorm,
-                    quantize_output=step.quantize_output,
-                    name=names.take(f"quant_{layer.name}"),
-                )
+            substitutes[key] = _substitute(plan[node.id], _unannotated(node.layer), pending, names)
         return substitutes[key]
 
     def call_layer(node, args, kwargs):
@@ -176,9 +161,26 @@ def _quantize(model, scheme, skip, annotated_only):
             return tensor
         return _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
 
+    for node in graph.nodes:
+        if node.is_input:
+            names.take(node.input_spec[2])
     quantized = graph.rebuild(call_layer, on_input=on_input)
     _copy_weights(pending)
     return quantized
+
+
+def _substitute(step, layer, pending, names):
+    """The layer that replaces `layer`: a renamed float copy, or a QuantizeWrapper of a copy."""
+    if step.action == _FLOAT:
+        return _clone(layer, pending, name=names.take(layer.name))
+    batchnorm = _clone(step.batchnorm, pending) if step.batchnorm is not None else None
+    return QuantizeWrapper(
+        _clone(layer, pending),
+        scheme=step.scheme,
+        batchnorm=batchnorm,
+        quantize_output=step.quantize_output,
+        name=names.take(f"quant_{layer.name}"),
+    )
 
 
 def _quantize_float(tensor, scheme, name):
@@ -235,9 +237,9 @@ def _plan(graph, scheme, skip, annotated_only):
         step = steps.get(node.id)
         if step is not None and step.action == _FLOAT:
             # A float layer's output is quantized again only where a quantized layer reads it.
-            step.requantize = not annotated_only or any(
+            step.requantize = any(
                 steps[c.id].action == _WRAP for c in graph.consumers(node)
-            ) or graph.is_model_output(node)
+            ) or (not annotated_only and graph.is_model_output(node))
     return steps
 
 
@@ -310,11 +312,14 @@ def _unannotated(layer):
     return layer.layer if isinstance(layer, QuantizeAnnotate) else layer
 
 
-def _clone(layer, pending):
+def _clone(layer, pending, name=None):
     """A fresh copy of `layer` (same config) that never shares variables with the user's layer.
 
     Its weights are copied by `_copy_weights(pending)` once the new model has built it."""
-    clone = type(layer).from_config(layer.get_config())
+    config = layer.get_config()
+    if name is not None:
+        config["name"] = name
+    clone = type(layer).from_config(config)
     pending.append((clone, layer))
     return clone
 

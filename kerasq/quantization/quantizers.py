@@ -192,7 +192,8 @@ class ActivationQuantizer(_Configurable):
 
     def _observe(self, x, state):
         x = ops.cast(x, "float32")
-        batch_min, batch_max = ops.min(x), ops.max(x)
+        # 0 joins each batch's range before averaging, as in TensorFlow's moving-average quantizers.
+        batch_min, batch_max = ops.minimum(ops.min(x), 0.0), ops.maximum(ops.max(x), 0.0)
         first = ops.equal(state["seen"], 0.0)
         decay = self.ema_decay
         state["min"].assign(
