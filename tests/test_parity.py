@@ -176,7 +176,7 @@ def test_mobilenet_v2_parity(digits_32, tmp_path):
     for layer in model.layers:  # small data, few steps: the default 0.999 would barely move
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = 0.9
-    qat, tflite, report = _qat_and_export(model, digits_32, epochs=12, qat_epochs=2, tmp_path=tmp_path)
+    qat, tflite, report = _qat_and_export(model, digits_32, epochs=20, qat_epochs=2, tmp_path=tmp_path)
     _assert_parity(report, tflite)
     assert tflite.ops.count("DEPTHWISE_CONV_2D") == 17 and "BATCH_NORMALIZATION" not in tflite.ops
     (_, _), (x_test, y_test) = digits_32
