@@ -1,0 +1,5 @@
+"""`python -m kerasq ...`: the same as the `kerasq` command."""
+
+from kerasq.cli import run
+
+run()
