@@ -1,0 +1,260 @@
+"""`kerasq demo`: float training, post-training int8 and quantization-aware int8 side by side.
+
+On the handwritten digits that ship with scikit-learn (nothing is downloaded), the demo
+1. trains a small Conv-BatchNorm-ReLU network in float,
+2. exports it as a float32 .tflite file and as a post-training int8 file (PTQ, calibrated on x_train),
+3. fine-tunes `kerasq.quantize_model(model)` for a few epochs (quantization-aware training, QAT) and
+   exports it as a fully int8 file,
+4. runs every file with LiteRT: accuracy, single-sample latency, size, and parity with its Keras model
+   (`kerasq.verify_tflite`),
+and prints one table with the figures.
+
+Example:
+>>> from kerasq.demo import run_demo
+>>> figures = run_demo("kerasq_demo", epochs=12, qat_epochs=3, seed=0)
+>>> figures["qat"]["tflite_accuracy"] >= figures["ptq"]["tflite_accuracy"]
+True
+"""
+
+import os
+import time
+import warnings
+
+import numpy as np
+
+DEFAULT_EPOCHS = 12
+DEFAULT_QAT_EPOCHS = 3
+LEARNING_RATE = 3e-3
+QAT_LEARNING_RATE = 3e-4
+BATCH_SIZE = 32
+BENCHMARK_RUNS = 200
+
+FILES = {
+    "float": "model_float32.tflite",
+    "ptq": "model_ptq_int8.tflite",
+    "qat": "model_qat_int8.tflite",
+}
+QAT_KERAS_FILE = "model_qat.keras"
+ROW_NAMES = {"float": "float32", "ptq": "PTQ int8", "qat": "QAT int8"}
+STEPS = 5
+
+
+def build_model(input_shape=(8, 8, 1), num_classes=10):
+    """The demo's network: three Conv-BatchNorm-ReLU blocks, global average pooling and a Dense head."""
+    import keras
+    from keras import layers
+
+    def block(x, filters, name):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    inputs = keras.Input(input_shape, name="image")
+    x = block(inputs, 16, "block1")
+    x = block(x, 32, "block2")
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = block(x, 32, "block3")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+def run_demo(
+    output_dir="kerasq_demo",
+    epochs=DEFAULT_EPOCHS,
+    qat_epochs=DEFAULT_QAT_EPOCHS,
+    seed=0,
+    log=print,
+):
+    """Runs the demo, writes its files to `output_dir`, prints progress and a table with `log`.
+
+    Args:
+        output_dir: folder for model_float32.tflite, model_ptq_int8.tflite, model_qat_int8.tflite and
+            model_qat.keras (created if missing; existing files are replaced).
+        epochs: float training epochs.
+        qat_epochs: quantization-aware fine-tuning epochs.
+        seed: seeds Python, NumPy and the backend (`keras.utils.set_random_seed`).
+        log: called with each line of output (`print` by default).
+
+    Returns:
+        A dict: for each of "float", "ptq" and "qat", a dict with `keras_accuracy` (None for PTQ, which
+        has no Keras model of its own), `tflite_accuracy`, `size_bytes`, `size_kb`, `latency_ms`,
+        `agreement`, `max_steps`, `floor_max_steps`, `floor_agreement`, `parity_passed`,
+        `fully_integer` and `path`; plus `table` and `verdict` (the printed text), `qat_ge_ptq`,
+        `qat_within_1pt` and `seconds`.
+    """
+    import keras
+
+    import kerasq
+    from kerasq.data import load_digits
+
+    start = time.perf_counter()
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {key: os.path.join(output_dir, name) for key, name in FILES.items()}
+    keras.utils.set_random_seed(seed)
+
+    (x_train, y_train), (x_test, y_test) = load_digits(seed=seed)
+    log(
+        f"kerasq demo: {len(x_train)} training and {len(x_test)} test images of handwritten digits "
+        f"(8x8, scikit-learn), seed {seed}, output in {output_dir}/"
+    )
+
+    log(f"[1/{STEPS}] training the float model ({epochs} epochs) ...")
+    float_model = build_model(x_train.shape[1:])
+    steps_per_epoch = -(-len(x_train) // BATCH_SIZE)
+    schedule = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, decay_steps=max(1, epochs * steps_per_epoch))
+    float_model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    _fit(float_model, x_train, y_train, epochs, log)
+    float_keras = _keras_accuracy(float_model, x_test, y_test)
+    log(f"      float accuracy (Keras): {_pct(float_keras)}")
+
+    log(f"[2/{STEPS}] exporting float32 and post-training int8 (PTQ) files ...")
+    kerasq.export_tflite(float_model, paths["float"])
+    kerasq.export_tflite(float_model, paths["ptq"], representative_data=x_train)
+
+    log(f"[3/{STEPS}] quantization-aware fine-tuning ({qat_epochs} epochs, learning rate {QAT_LEARNING_RATE:g}) ...")
+    qat_model = kerasq.quantize_model(float_model, scheme=_qat_scheme())
+    qat_model.compile(
+        optimizer=keras.optimizers.Adam(_qat_learning_rate(qat_epochs * steps_per_epoch)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    _fit(qat_model, x_train, y_train, qat_epochs, log)
+    qat_keras = _keras_accuracy(qat_model, x_test, y_test)
+    log(f"      QAT accuracy (Keras, int8 simulation): {_pct(qat_keras)}")
+    qat_model.save(os.path.join(output_dir, QAT_KERAS_FILE))
+
+    log(f"[4/{STEPS}] exporting the QAT model to int8 ...")
+    kerasq.export_tflite(qat_model, paths["qat"])
+
+    log(f"[5/{STEPS}] running the files with LiteRT: accuracy, latency, parity ...")
+    keras_models = {"float": float_model, "ptq": float_model, "qat": qat_model}
+    keras_accuracy = {"float": float_keras, "ptq": None, "qat": qat_keras}
+    figures = {}
+    for key in FILES:
+        tflite = kerasq.TFLiteModel(paths[key])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # fragility is shown in the table instead
+            report = kerasq.verify_tflite(keras_models[key], tflite, x_test)
+        parity = report.outputs[0]
+        latency = tflite.benchmark(x_test, runs=BENCHMARK_RUNS, warmup=10)
+        figures[key] = {
+            "path": paths[key],
+            "keras_accuracy": keras_accuracy[key],
+            "tflite_accuracy": tflite.evaluate(x_test, y_test),
+            "size_bytes": tflite.size_bytes,
+            "size_kb": tflite.size_bytes / 1024,
+            "latency_ms": latency["median_ms"],
+            "agreement": parity.agreement,
+            "unit": parity.unit,
+            "max_steps": parity.max_diff,
+            "floor_max_steps": parity.floor_max_diff,
+            "floor_agreement": parity.floor_agreement,
+            "parity_passed": report.passed,
+            "fragile": report.fragile,
+            "fully_integer": tflite.is_fully_integer,
+        }
+
+    table = format_table(figures)
+    float_acc = figures["float"]["tflite_accuracy"]
+    ptq_acc = figures["ptq"]["tflite_accuracy"]
+    qat_acc = figures["qat"]["tflite_accuracy"]
+    qat_ge_ptq = qat_acc >= ptq_acc
+    qat_within_1pt = abs(qat_acc - float_acc) <= 0.01 + 1e-9
+    verdict = (
+        f"QAT int8 accuracy {_pct(qat_acc)} vs PTQ {_pct(ptq_acc)} vs float {_pct(float_acc)}: "
+        f"QAT {'>=' if qat_ge_ptq else '<'} PTQ, "
+        f"{'within' if qat_within_1pt else 'NOT within'} 1 point of float "
+        f"({100 * (qat_acc - float_acc):+.2f} points)"
+    )
+    seconds = time.perf_counter() - start
+    log("")
+    log(table)
+    log("")
+    log(verdict)
+    log(f"Files in {output_dir}/ ({seconds:.0f} s). Inspect one with: kerasq inspect {paths['qat']}")
+    figures.update(
+        table=table,
+        verdict=verdict,
+        qat_ge_ptq=qat_ge_ptq,
+        qat_within_1pt=qat_within_1pt,
+        seconds=seconds,
+        output_dir=output_dir,
+    )
+    return figures
+
+
+def format_table(figures):
+    """The demo's results table: one row per file (float32, PTQ int8, QAT int8)."""
+    header = (
+        f"{'model':<9} {'Keras acc':>9} {'TFLite acc':>10} {'size KB':>8} {'latency ms':>10} "
+        f"{'agreement':>9} {'max diff':>13} {'floor':>13} {'fully int8':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for key, name in ROW_NAMES.items():
+        f = figures[key]
+        lines.append(
+            f"{name:<9} {_pct(f['keras_accuracy']):>9} {_pct(f['tflite_accuracy']):>10} "
+            f"{f['size_kb']:>8.1f} {f['latency_ms']:>10.3f} {_pct(f['agreement']):>9} "
+            f"{_diff(f['max_steps'], f['unit']):>13} {_diff(f['floor_max_steps'], f['unit']):>13} "
+            f"{'yes' if f['fully_integer'] else 'no':>10}"
+        )
+    lines.append(
+        "Keras acc: the Keras model (PTQ has none; QAT: the int8 simulation). TFLite acc: the file run by "
+        "LiteRT. latency: median of single-image runs."
+    )
+    lines.append(
+        "agreement / max diff: the file's argmax agreement and largest output difference vs its Keras model "
+        "(PTQ vs the float model), in output steps (float32: absolute); floor: the same between TFLite's "
+        "own kernel paths."
+    )
+    return "\n".join(lines)
+
+
+QAT_COSINE = False
+QAT_FREEZE_BN = False
+
+
+def _qat_scheme():
+    import kerasq
+    return kerasq.QuantizationScheme(freeze_batchnorm=QAT_FREEZE_BN)
+
+
+def _qat_learning_rate(steps):
+    import keras
+    if QAT_COSINE:
+        return keras.optimizers.schedules.CosineDecay(QAT_LEARNING_RATE, decay_steps=max(1, steps))
+    return QAT_LEARNING_RATE
+
+
+def _fit(model, x, y, epochs, log):
+    import keras
+
+    class _EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            log(f"      epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}, "
+                f"accuracy {_pct(logs.get('accuracy'))}")
+
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=0, callbacks=[_EpochLog()])
+
+
+def _keras_accuracy(model, x, y):
+    logits = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    return float(np.mean(logits.argmax(-1) == y))
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _diff(value, unit):
+    if value is None:
+        return "-"
+    return f"{value:.3g} steps" if unit == "steps" else f"{value:.2g} abs"
