@@ -1,5 +1,6 @@
-"""`python -m kerasq ...`: the same as the `kerasq` command."""
+"""`python -m kerasq`: the same as the `kerasq` command (see `kerasq.cli`)."""
 
 from kerasq.cli import run
 
-run()
+if __name__ == "__main__":
+    run()

@@ -1,68 +1,120 @@
-"""The `kerasq` command: `demo`, `inspect FILE`, `bench FILE`, `eval FILE`.
+"""kerasq: quantization-aware training and verified int8 TFLite export for Keras 3.
 
-Example:
-    kerasq demo --output_dir=kerasq_demo
-    kerasq inspect kerasq_demo/model_qat_int8.tflite
+Usage:
+  kerasq demo [--output_dir=kerasq_demo] [--epochs=N] [--qat_epochs=N] [--seed=0]
+      Train a small CNN on the bundled digits, export float32, post-training int8 and
+      quantization-aware int8 .tflite files, and compare accuracy, size, latency and parity.
+  kerasq inspect FILE.tflite
+      Print the file's inputs, outputs, ops, tensors and quantization.
+  kerasq bench FILE.tflite [--runs=200] [--kernels=default]
+      Single-sample latency with LiteRT (random inputs).
+  kerasq eval FILE.tflite [--kernels=default]
+      Accuracy on the digits test split (for files that take digit images).
+
+Flags may come before or after the command; `kerasq --helpfull` lists them all.
 """
 
 import sys
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "kerasq_demo", "Where `demo` writes its .tflite and .keras files.")
-flags.DEFINE_integer("epochs", None, "Float training epochs for `demo` (default: the demo's own).")
-flags.DEFINE_integer("qat_epochs", None, "Quantization-aware fine-tuning epochs for `demo`.")
-flags.DEFINE_integer("seed", 0, "Random seed for `demo`.")
-flags.DEFINE_integer("runs", 50, "Timed invocations for `bench`.")
+from kerasq import demo as demo_lib
 
-USAGE = """usage: kerasq COMMAND [ARGS] [--flags]
-commands:
-  demo           train a CNN on the digits; float, PTQ int8 and QAT int8 side by side
-  inspect FILE   list a .tflite file's ops, tensors and quantization parameters
-  bench FILE     LiteRT latency of one single-sample invocation
-  eval FILE      accuracy of a digits classifier file on the digits test split"""
+COMMANDS = ("demo", "inspect", "bench", "eval")
+USAGE_ERROR = 2
+
+flags.DEFINE_string("output_dir", "kerasq_demo", "demo: folder for the .tflite and .keras files.")
+flags.DEFINE_integer("epochs", demo_lib.DEFAULT_EPOCHS, "demo: float training epochs.", lower_bound=1)
+flags.DEFINE_integer(
+    "qat_epochs", demo_lib.DEFAULT_QAT_EPOCHS, "demo: quantization-aware fine-tuning epochs.", lower_bound=1
+)
+flags.DEFINE_integer("seed", 0, "demo: random seed (keras.utils.set_random_seed).")
+flags.DEFINE_integer("runs", 200, "bench: timed single-sample runs.", lower_bound=1)
+flags.DEFINE_integer("warmup", 10, "bench: untimed runs first.", lower_bound=0)
+flags.DEFINE_enum(
+    "kernels",
+    "default",
+    ["default", "reference", "builtin"],
+    "bench/eval: LiteRT kernels: default (XNNPACK), reference, or builtin (optimized, no XNNPACK).",
+)
+
+FLAGS = flags.FLAGS
+_FLAG_NAMES = ("output_dir", "epochs", "qat_epochs", "seed", "runs", "warmup", "kernels")
 
 
 def main(argv):
-    command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
-    if command == "demo" and not args:
-        from kerasq.demo import run_demo
-
-        options = {"output_dir": FLAGS.output_dir, "seed": FLAGS.seed}
-        if FLAGS.epochs is not None:
-            options["epochs"] = FLAGS.epochs
-        if FLAGS.qat_epochs is not None:
-            options["qat_epochs"] = FLAGS.qat_epochs
-        run_demo(**options)
+    args = list(argv[1:])
+    if not args:
+        return _usage_error("no command given.")
+    command, operands = args[0], args[1:]
+    if command not in COMMANDS:
+        return _usage_error(f"unknown command '{command}'.")
+    if command == "demo":
+        if operands:
+            return _usage_error(f"demo takes no arguments; got {' '.join(operands)}.")
+        demo_lib.run_demo(FLAGS.output_dir, FLAGS.epochs, FLAGS.qat_epochs, FLAGS.seed)
         return 0
-    if command in ("inspect", "bench", "eval") and len(args) == 1:
-        return _file_command(command, args[0])
-    print(USAGE, file=sys.stderr)
-    return 2
+    if len(operands) != 1:
+        return _usage_error(f"{command} takes one .tflite file; got {len(operands)} arguments.")
+    try:
+        return {"inspect": _inspect, "bench": _bench, "eval": _eval}[command](operands[0])
+    except (FileNotFoundError, ValueError) as error:
+        print(f"kerasq {command}: error: {error}", file=sys.stderr)
+        return 1
 
 
-def _file_command(command, path):
+def _inspect(path):
     from kerasq.export import TFLiteModel
 
-    try:
-        model = TFLiteModel(path)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"kerasq {command}: {error}", file=sys.stderr)
-        return 1
-    if command == "inspect":
-        model.summary()
-    elif command == "bench":
-        timing = model.benchmark(runs=FLAGS.runs)
-        print(f"{path}: median {timing['median_ms']:.3f} ms, p90 {timing['p90_ms']:.3f} ms per sample")
-    else:
-        from kerasq.data import load_digits
-
-        (_, _), (x_test, y_test) = load_digits()
-        print(f"{path}: accuracy {100 * model.evaluate(x_test, y_test):.2f}% on {len(y_test)} test digits")
+    TFLiteModel(path).summary()
     return 0
 
 
-def run():
-    """Console-script entry point."""
-    app.run(main)
+def _bench(path):
+    from kerasq.export import TFLiteModel
+
+    model = TFLiteModel(path, kernels=FLAGS.kernels)
+    result = model.benchmark(runs=FLAGS.runs, warmup=FLAGS.warmup)
+    print(
+        f"{path}: single-sample latency with LiteRT ({FLAGS.kernels} kernels, {FLAGS.runs} runs, random inputs): "
+        f"median {result['median_ms']:.4f} ms, p90 {result['p90_ms']:.4f} ms, mean {result['mean_ms']:.4f} ms"
+    )
+    return 0
+
+
+def _eval(path):
+    from kerasq.data import load_digits
+    from kerasq.export import TFLiteModel
+
+    model = TFLiteModel(path, kernels=FLAGS.kernels)
+    specs = model.input_specs
+    shape = specs[0].shape if len(specs) == 1 else None
+    if not (shape and len(shape) == 4 and shape[1] == shape[2] and shape[3] == 1 and shape[1] and shape[1] % 8 == 0):
+        raise ValueError(
+            f"eval runs the digits test split, which needs a model with one input of shape (batch, N, N, 1), "
+            f"N a multiple of 8; this file's inputs are {[s.shape for s in specs]}."
+        )
+    _, (x_test, y_test) = load_digits(image_size=shape[1])
+    accuracy = model.evaluate(x_test, y_test)
+    print(f"{path}: accuracy {100 * accuracy:.2f}% on the {len(x_test)} digits test images ({FLAGS.kernels} kernels)")
+    return 0
+
+
+def _usage_error(message):
+    print(f"kerasq: {message}\n\n{__doc__}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def run(argv=None):
+    """The `kerasq` console script (also `python -m kerasq`)."""
+    # absl's --help prints the __main__ module's docstring and the flags of the program file (argv[0]).
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and getattr(main_module, "__doc__", None) != __doc__:
+        main_module.__doc__ = __doc__
+    for name in _FLAG_NAMES:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
