@@ -243,4 +243,6 @@ def _pct(value):
 def _diff(value, unit):
     if value is None:
         return "-"
-    return f"{value:.3g} steps" if unit == "steps" else f"{value:.2g} abs"
+    if unit != "steps":
+        return f"{value:.2g} abs"
+    return f"{value:.3g} step" + ("" if f"{value:.3g}" == "1" else "s")
