@@ -76,9 +76,14 @@ class ActivationHandler(LayerHandler):
         name = _layer_activation_name(layer)
         if name == "linear":
             return PASS_THROUGH, None
-        if name in _FIXED_RANGE_ACTIVATIONS:
-            return FIXED, _FIXED_RANGE_ACTIVATIONS[name]
-        return QUANTIZE, None
+        return _activation_output_policy(name)
+
+
+def _activation_output_policy(name):
+    """TFLite's fixed output range for activation `name` where it has one, else a learned range."""
+    if name in _FIXED_RANGE_ACTIVATIONS:
+        return FIXED, _FIXED_RANGE_ACTIVATIONS[name]
+    return QUANTIZE, None
 
 
 class UpSamplingHandler(LayerHandler):
@@ -120,6 +125,14 @@ class KernelHandler(LayerHandler):
 
     def __init__(self):
         super().__init__(output=QUANTIZE, fuses_activation=True)
+
+    def output_policy(self, layer):
+        # A fused activation (linear, ReLU, ReLU6) ends in a learned range; any other runs as its own
+        # TFLite op after a quantized pre-activation, with that op's output range.
+        name = activation_name(layer.activation)
+        if name in FUSABLE_ACTIVATIONS:
+            return QUANTIZE, None
+        return _activation_output_policy(name)
 
     def kernel_axes(self, layer):
         """{weight attribute: output-channel axis, or None for one scale per tensor}."""

@@ -148,10 +148,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _make_output_quantizer(self):
         policy, fixed_range = self.handler.output_policy(self.layer)
-        if self.handler.has_kernels and not self._activation_fuses:
-            name = handlers_lib.activation_name(self.layer.activation)
-            fixed_range = handlers_lib._FIXED_RANGE_ACTIVATIONS.get(name)
-            policy = handlers_lib.FIXED if fixed_range else handlers_lib.QUANTIZE
         if policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not self.quantize_output:
             return None
         if policy == handlers_lib.FIXED:
