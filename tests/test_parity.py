@@ -12,6 +12,13 @@ from keras import layers
 
 import kerasq
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Models are built before `_train` runs: seed first, so their initial weights do not depend on
+    which tests ran earlier in the same process."""
+    keras.utils.set_random_seed(0)
+
+
 def _train(model, x, y, epochs, learning_rate, seed=0):
     keras.utils.set_random_seed(seed)
     probabilities = isinstance(model.layers[-1], layers.Softmax) or (
