@@ -18,7 +18,19 @@ def is_functional(model):
 
 def producer(tensor):
     """The layer whose call produced a symbolic `KerasTensor`, or None for any other value."""
+    return producing_call(tensor)[0]
+
+
+def producing_call(tensor):
+    """`(layer, call keyword arguments)` of the call that produced a symbolic `KerasTensor`.
+
+    `(None, {})` for any other value. A shared layer has one such call per use.
+    """
     if not isinstance(tensor, KerasTensor):
-        return None
+        return None, {}
     history = getattr(tensor, "_keras_history", None)
-    return history[0] if history else None
+    if not history:
+        return None, {}
+    layer, node_index, _ = history
+    node = layer._inbound_nodes[node_index]
+    return layer, dict(node.arguments.kwargs)

@@ -66,6 +66,7 @@ class LayerGraph:
         self.model = model
         self.nodes = []
         self._layer_calls = {}
+        self._call_index = {}
         inputs, self.outputs = self._read(model, bound_inputs=None, scope=())
         self.inputs = inputs
         self._consumers = {node.id: [] for node in self.nodes}
@@ -86,6 +87,10 @@ class LayerGraph:
     def calls_of(self, layer):
         """How many times `layer` is called in the (inlined) graph: more than once means shared."""
         return self._layer_calls.get(id(layer), 0)
+
+    def call_index(self, node):
+        """Which call of its layer `node` is: 0 for the first, 1 for the second, and so on."""
+        return self._call_index[node.id]
 
     # ---- rebuilding -----------------------------------------------------------------------------
     def rebuild(self, call_layer, on_input=None, name=None):
@@ -113,7 +118,10 @@ class LayerGraph:
         node = Node(len(self.nodes), layer, args, kwargs or {}, input_spec, scope)
         self.nodes.append(node)
         if input_spec is None:
-            self._layer_calls[id(layer)] = self._layer_calls.get(id(layer), 0) + 1
+            self._call_index[node.id] = self._layer_calls.get(id(layer), 0)
+            self._layer_calls[id(layer)] = self._call_index[node.id] + 1
+        else:
+            self._call_index[node.id] = 0
         return node
 
     def _read(self, model, bound_inputs, scope):

@@ -200,6 +200,8 @@ def test_shared_layer_is_counted_and_stays_shared():
     assert graph.calls_of(shared) == 3
     assert graph.calls_of(model.get_layer("add")) == 1
     assert graph.calls_of(keras.layers.Dense(1)) == 0
+    assert [graph.call_index(node) for node in calls] == [0, 1, 2]
+    assert graph.call_index(_by_path(graph)["add"]) == 0
     # One call reads another call's output.
     by_id = {node.id: node for node in graph.nodes}
     producers = [by_id[ref.node] for call in calls for ref in call.input_refs]

@@ -68,3 +68,19 @@ def test_producer_of_symbolic_tensors():
     assert _keras_private.producer(outputs) is dense
     assert _keras_private.producer(np.zeros(3)) is None
     assert _keras_private.producer(keras.ops.zeros(3)) is None
+
+
+def test_producing_call_tells_the_calls_of_a_shared_layer_apart():
+    """`producing_call` reads `_keras_history` and the layer's private `_inbound_nodes`."""
+    from kerasq import _keras_private
+
+    class Scale(keras.layers.Layer):
+        def call(self, inputs, factor=1.0):
+            return inputs * factor
+
+    inputs = keras.Input((3,))
+    scale = Scale()
+    first, second = scale(inputs), scale(inputs, factor=2.0)
+    assert _keras_private.producing_call(first) == (scale, {})
+    assert _keras_private.producing_call(second) == (scale, {"factor": 2.0})
+    assert _keras_private.producing_call(np.zeros(3)) == (None, {})

@@ -575,20 +575,117 @@ def test_skipped_layer_whose_name_a_wrapper_would_take():
     assert sum(type(layer) is keras.layers.Dense for layer in qat.layers) == 1
 
 
-def test_shared_layer_gets_one_wrapper():
+def test_shared_layer_gets_one_wrapper_with_ranges_per_call():
     shared = keras.layers.Dense(4, name="shared")
     inputs = keras.Input((4,))
     model = keras.Model(inputs, shared(keras.layers.ReLU(name="relu")(shared(inputs))))
     qat = kerasq.quantize_model(model)
     dense_wrappers = [w for w in _wrappers(qat) if isinstance(w.layer, keras.layers.Dense)]
     assert len(dense_wrappers) == 1
-    # Its second call is a model output, so its output is quantized even though a ReLU follows once.
-    assert dense_wrappers[0].quantize_output is True
+    (wrapper,) = dense_wrappers
+    assert len(wrapper.layer.weights) == 2  # one kernel, one bias for both calls
+    # The first call's ReLU is fused; the second call is a model output, so it is quantized.
+    assert wrapper.quantize_output == (False, True)
+    assert set(wrapper.quantization_ranges()) == {"output_call1"}
     data = RNG.uniform(-1, 1, size=(16, 4)).astype("float32")
     qat(data, training=True)
     expected = np.asarray(model(data))
     step = (expected.max() - expected.min()) / 255
     assert np.abs(np.asarray(qat(data)) - expected).max() < 4 * step
+
+
+def test_shared_layer_calls_learn_separate_ranges():
+    shared = keras.layers.Dense(3, name="shared")
+    inputs = keras.Input((3,))
+    small = shared(inputs)
+    large = shared(keras.layers.Rescaling(50.0, name="grow")(inputs))
+    model = keras.Model(inputs, [small, large])
+    qat = kerasq.quantize_model(model, skip=["grow"])
+    wrapper = qat.get_layer("quant_shared")
+    assert wrapper.calls == 2
+    data = RNG.uniform(-1, 1, size=(32, 3)).astype("float32")
+    qat(data, training=True)
+    ranges = wrapper.quantization_ranges()
+    width = {name: high - low for name, (low, high) in ranges.items()}
+    assert width["output_call1"] > 20 * width["output"]
+    # Each output within a step or two of its own range: one range for both would cost the small
+    # output a fifty-times coarser grid.
+    for got, want in zip(qat(data), model(data)):
+        want = np.asarray(want)
+        step = (want.max() - want.min()) / 255
+        assert np.abs(np.asarray(got) - want).max() < 2 * step
+
+
+def test_keras_file_round_trip_of_a_shared_layer(tmp_path):
+    shared = keras.layers.Dense(3, name="shared")
+    pool = keras.layers.MaxPooling1D(2, name="pool")
+    inputs = keras.Input((4, 3))
+    grown = keras.layers.Rescaling(20.0, name="grow")(inputs)
+    model = keras.Model(inputs, [pool(shared(inputs)), pool(shared(grown))])
+    qat = kerasq.quantize_model(model, skip=["grow"])
+    data = RNG.uniform(-1, 1, size=(16, 4, 3)).astype("float32")
+    qat(data, training=True)
+    path = tmp_path / "shared.keras"
+    qat.save(path)
+    loaded = keras.saving.load_model(path)
+    for got, want in zip(loaded(data), qat(data)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    wrapper = loaded.get_layer("quant_shared")
+    assert wrapper.quantization_ranges() == qat.get_layer("quant_shared").quantization_ranges()
+    assert loaded.get_layer("quant_pool").output_range_of(1)[1] is wrapper.output_range_of(1)[1]
+
+
+def test_ops_feeding_only_a_concatenate_round_once_to_its_range():
+    """TFLite writes them at the concatenation's scale (measured: 0 steps apart vs 1-3 otherwise)."""
+    inputs = keras.Input((4,))
+    only = keras.layers.Dense(3, name="only")(inputs)
+    through = keras.layers.Reshape((3,), name="reshape")(keras.layers.Dense(3, name="through")(inputs))
+    shared = keras.layers.Dense(3, name="also_read")(inputs)
+    fixed = keras.layers.Softmax(name="softmax")(keras.layers.Dense(3, name="logits")(inputs))
+    joined = keras.layers.Concatenate(name="join")([only, through, shared, fixed])
+    model = keras.Model(inputs, [joined, keras.layers.Dense(2, name="other")(shared)])
+    qat = kerasq.quantize_model(model)
+    assert qat.get_layer("quant_only").quantize_output is False
+    assert qat.get_layer("quant_through").quantize_output is False
+    assert qat.get_layer("quant_also_read").quantize_output is True  # read by another op too
+    assert qat.get_layer("quant_softmax").quantize_output is True  # TFLite fixes its range
+    assert "output" in qat.get_layer("quant_join").quantization_ranges()
+
+
+class NoShape(keras.layers.Layer):
+    """A custom layer with no `compute_output_shape`, as many are."""
+
+    def call(self, inputs):
+        return keras.ops.concatenate([inputs, -inputs], axis=-1)
+
+
+def test_wrapping_a_layer_without_compute_output_shape():
+    kerasq.register_handler(NoShape, kerasq.quantization.LayerHandler())
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(NoShape(name="mirror")(inputs)))
+    qat = kerasq.quantize_model(model)
+    assert isinstance(qat.get_layer("quant_mirror"), QuantizeWrapper)
+    assert tuple(qat.get_layer("quant_mirror").output.shape) == (None, 6)
+    annotated = kerasq.quantize_apply(kerasq.quantize_annotate_model(model))
+    assert tuple(annotated.output.shape) == (None, 2)
+
+
+def test_shared_pass_through_layer_keeps_each_inputs_range():
+    pool = keras.layers.MaxPooling1D(2, name="pool")
+    inputs = keras.Input((4, 2))
+    left = keras.layers.Dense(2, name="left")(inputs)
+    right = keras.layers.Dense(2, name="right")(keras.layers.Rescaling(30.0, name="grow")(inputs))
+    model = keras.Model(inputs, [pool(left), pool(right)])
+    qat = kerasq.quantize_model(model, skip=["grow"])
+    wrapper = qat.get_layer("quant_pool")
+    assert wrapper.output_range_of(0)[1] is qat.get_layer("quant_left").output_range[1]
+    assert wrapper.output_range_of(1)[1] is qat.get_layer("quant_right").output_range[1]
+
+
+def test_call_index_out_of_range_is_a_clear_error():
+    wrapper = QuantizeWrapper(keras.layers.Dense(2), quantize_output=[True, True])
+    with pytest.raises(ValueError, match="call_index must be an int from 0 to 1"):
+        wrapper(keras.ops.ones((1, 3)), call_index=2)
 
 
 def test_dict_inputs_each_get_a_quantize_layer():

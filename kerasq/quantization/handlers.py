@@ -48,11 +48,16 @@ class LayerHandler:
         fixed_range: the output range when `output` is `FIXED`.
         fuses_activation: TFLite fuses a ReLU/ReLU6 that follows this op into it, so the output is left
             unquantized when one does.
+        producers_take_output_scale: TFLite's converter writes this op's inputs directly at its output
+            scale (as for concatenation), so an op whose output only feeds this one rounds once, to
+            this op's range, rather than to its own range first.
     """
 
     has_kernels = False
 
-    def __init__(self, output=QUANTIZE, fixed_range=None, fuses_activation=False):
+    def __init__(
+        self, output=QUANTIZE, fixed_range=None, fuses_activation=False, producers_take_output_scale=False
+    ):
         if output not in _POLICIES:
             raise ValueError(f"output must be one of {_POLICIES}; got {output!r}.")
         if (output == FIXED) != (fixed_range is not None):
@@ -60,6 +65,7 @@ class LayerHandler:
         self.output = output
         self.fixed_range = fixed_range
         self.fuses_activation = fuses_activation
+        self.producers_take_output_scale = producers_take_output_scale
 
     def output_policy(self, layer):
         """`(output, fixed_range)` for this layer instance."""
@@ -138,6 +144,10 @@ class KernelHandler(LayerHandler):
         """{weight attribute: output-channel axis, or None for one scale per tensor}."""
         raise NotImplementedError
 
+    def shared_kernel_axes(self, layer):
+        """`kernel_axes` for a layer the model calls more than once (by default, the same)."""
+        return self.kernel_axes(layer)
+
     def output_channels(self, layer):
         raise NotImplementedError
 
@@ -168,10 +178,15 @@ class KernelHandler(LayerHandler):
 
 
 class DenseHandler(KernelHandler):
-    """Dense: one weight scale per tensor (TFLite's FULLY_CONNECTED rejects per-channel weights)."""
+    """Dense: one weight scale per tensor, as TFLite's int8 spec has it for FULLY_CONNECTED."""
 
     def kernel_axes(self, layer):
         return {"kernel": None}
+
+    def shared_kernel_axes(self, layer):
+        # When one kernel feeds several FULLY_CONNECTED ops, the converter requantizes it with one
+        # scale per output channel whatever its fake-quantization said: train it that way.
+        return {"kernel": -1}
 
     def output_channels(self, layer):
         return layer.units
@@ -354,12 +369,13 @@ def _register_builtin_handlers():
     for layer_class in (
         layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D, layers.GlobalAveragePooling3D,
         layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.GlobalMaxPooling3D,
-        layers.Concatenate, layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
+        layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
         layers.LeakyReLU, layers.PReLU, layers.ELU,
         layers.BatchNormalization, layers.LayerNormalization,
         layers.Rescaling,
     ):
         register_handler(layer_class, quantize)
+    register_handler(layers.Concatenate, LayerHandler(output=QUANTIZE, producers_take_output_scale=True))
     fusing = LayerHandler(output=QUANTIZE, fuses_activation=True)
     for layer_class in (layers.Add, layers.Subtract):
         register_handler(layer_class, fusing)

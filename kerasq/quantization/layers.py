@@ -80,7 +80,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         layer: the float layer, with its weights (the wrapper trains it in place).
         scheme: a `QuantizationScheme` or its name; defaults to "int8".
         batchnorm: a BatchNormalization layer to fold into `layer`, or None.
-        quantize_output: False when a fused ReLU/ReLU6 follows and quantizes instead.
+        quantize_output: False when a fused ReLU/ReLU6 follows and quantizes instead. For a layer the
+            model calls more than once, one bool per call: each call then has its own ranges, as each
+            becomes its own op in the exported file, and the model passes `call_index=i` to call `i`.
 
     Example:
     >>> import keras
@@ -110,82 +112,113 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 f"({type(layer).__name__}): only a Conv/Dense with a linear activation takes one."
             )
         self.batchnorm = batchnorm
-        self.quantize_output = bool(quantize_output)
+        if isinstance(quantize_output, (list, tuple)):
+            if not quantize_output:
+                raise ValueError("quantize_output needs one bool per call of the layer; got none.")
+            self.quantize_output = tuple(bool(flag) for flag in quantize_output)
+            per_call = self.quantize_output
+        else:
+            self.quantize_output = bool(quantize_output)
+            per_call = (self.quantize_output,)
         self.supports_masking = getattr(layer, "supports_masking", False)
         self._policy = self.handler.output_policy(layer)[0]
-        self._input_range = None
+        # Not plain attribute assignment: Keras would track these as this layer's own state.
+        object.__setattr__(self, "_output_quantizers", tuple(map(self._make_output_quantizer, per_call)))
+        object.__setattr__(self, "_input_ranges", (None,) * len(per_call))
+
+    @property
+    def calls(self):
+        """How many calls of the layer this wrapper quantizes, each with its own ranges."""
+        return len(self._output_quantizers)
 
     def __call__(self, inputs, *args, **kwargs):
+        index = self._check_call_index(kwargs.get("call_index", 0))
         if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
             # Pass-through and same-scale ops keep their input's quantization: find whose it is. This
             # runs whenever the model graph is built, by quantize_model and by .keras loading alike.
             source = _input_range_of(inputs)
             if source is not None:
-                # Not `self._input_range = ...`: Keras would track the other layer's variables as ours.
-                object.__setattr__(self, "_input_range", source)
+                ranges = list(self._input_ranges)
+                ranges[index] = source
+                object.__setattr__(self, "_input_ranges", tuple(ranges))
         return super().__call__(inputs, *args, **kwargs)
+
+    def _check_call_index(self, index):
+        if not isinstance(index, int) or not 0 <= index < self.calls:
+            raise ValueError(
+                f"QuantizeWrapper '{self.name}' quantizes {self.calls} call(s) of its layer; "
+                f"call_index must be an int from 0 to {self.calls - 1}, got {index!r}."
+            )
+        return index
 
     # ---- building -------------------------------------------------------------------------------
     def build(self, input_shape):
         super().build(input_shape)
         if self.batchnorm is not None and not self.batchnorm.built:
             self.batchnorm.build(self.layer.compute_output_shape(input_shape))
-        activations = self.scheme.activations
-        self._ranges = {}
+        self._ranges = [self._build_ranges(index) for index in range(self.calls)]
+
+    def _build_ranges(self, index):
+        """The range variables of call `index`; the first call's names carry no suffix."""
+        suffix = _call_suffix(index)
+        activations, ranges = self.scheme.activations, {}
         if self.handler.has_kernels:
             if isinstance(self.handler, handlers_lib.SeparableConvHandler):
-                self._ranges["depthwise"] = activations.build(self, "depthwise")
+                ranges["depthwise"] = activations.build(self, "depthwise" + suffix)
             if not self._activation_fuses:
-                self._ranges["pre_activation"] = activations.build(self, "pre_activation")
-        self._output_quantizer = self._make_output_quantizer()
-        if self._output_quantizer is not None:
-            self._ranges["output"] = self._output_quantizer.build(self, "output")
+                ranges["pre_activation"] = activations.build(self, "pre_activation" + suffix)
+        if self._output_quantizers[index] is not None:
+            ranges["output"] = self._output_quantizers[index].build(self, "output" + suffix)
+        return ranges
 
     @property
     def _activation_fuses(self):
         name = handlers_lib.activation_name(self.layer.activation)
         return name in handlers_lib.FUSABLE_ACTIVATIONS
 
-    def _make_output_quantizer(self):
+    def _make_output_quantizer(self, quantize_output):
         policy, fixed_range = self.handler.output_policy(self.layer)
-        if policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not self.quantize_output:
+        if policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not quantize_output:
             return None
         if policy == handlers_lib.FIXED:
             return self.scheme.activations.with_fixed_range(fixed_range)
         return self.scheme.activations
 
     # ---- the forward pass -----------------------------------------------------------------------
-    def call(self, inputs, *args, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, call_index=0, **kwargs):
         training = bool(training)
+        ranges = self._ranges[call_index]
         if self.handler.has_kernels:
-            outputs = self._call_kernels(inputs, training)
+            outputs = self._call_kernels(inputs, ranges, training)
         else:
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
-        rounds = self._policy == handlers_lib.SAME_SCALE and self._input_range is not None
+        input_range = self._input_ranges[call_index]
+        rounds = self._policy == handlers_lib.SAME_SCALE and input_range is not None
         if rounds and not _TRACING_FOR_EXPORT.get():
-            quantizer, state = self._input_range
+            quantizer, state = input_range
             outputs = quantizer.round_like_tflite(outputs, state)
-        if self._output_quantizer is not None:
-            outputs = self._output_quantizer(outputs, self._ranges["output"], training=training)
+        output_quantizer = self._output_quantizers[call_index]
+        if output_quantizer is not None:
+            outputs = output_quantizer(outputs, ranges["output"], training=training)
         return outputs
 
-    def _call_kernels(self, inputs, training):
+    def _call_kernels(self, inputs, ranges, training):
         layer, handler = self.layer, self.handler
         kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
         bias = layer.bias if layer.use_bias else None
         if self.batchnorm is None:
-            outputs = self._linear(inputs, self._quantize_kernels(kernels), bias, training)
+            outputs = self._linear(inputs, self._quantize_kernels(kernels), bias, ranges, training)
         else:
-            outputs = self._linear_with_batchnorm(inputs, kernels, bias, training)
+            outputs = self._linear_with_batchnorm(inputs, kernels, bias, ranges, training)
         if not self._activation_fuses:
-            outputs = self.scheme.activations(outputs, self._ranges["pre_activation"], training)
+            outputs = self.scheme.activations(outputs, ranges["pre_activation"], training)
         if layer.activation is not None:
             outputs = layer.activation(outputs)
         return outputs
 
     def _quantize_kernels(self, kernels):
         handler, layer = self.handler, self.layer
-        axes = handler.kernel_axes(layer)
+        axes = handler.kernel_axes(layer) if self.calls == 1 else handler.shared_kernel_axes(layer)
         return {
             name: _quantize_kernel(
                 self.scheme.weights, handler.kernel_view(layer, name, kernel), axes[name]
@@ -193,15 +226,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             for name, kernel in kernels.items()
         }
 
-    def _linear(self, inputs, kernels, bias, training):
+    def _linear(self, inputs, kernels, bias, ranges, training):
         handler = self.handler
         if isinstance(handler, handlers_lib.SeparableConvHandler):
             middle = handler.depthwise(self.layer, inputs, kernels)
-            middle = self.scheme.activations(middle, self._ranges["depthwise"], training)
+            middle = self.scheme.activations(middle, ranges["depthwise"], training)
             return handler.pointwise(self.layer, middle, kernels, bias)
         return handler.linear(self.layer, inputs, kernels, bias)
 
-    def _linear_with_batchnorm(self, inputs, kernels, bias, training):
+    def _linear_with_batchnorm(self, inputs, kernels, bias, ranges, training):
         """Conv/Dense with BatchNorm folded in, as in Jacob et al. (2018) and PyTorch's ConvBn.
 
         The kernel is always folded with the moving variance, so it is quantized exactly as it will be
@@ -219,8 +252,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         )
         if not use_batch_statistics:
             folded_bias = beta + (bias - bn.moving_mean) * scale
-            return self._linear(inputs, folded, folded_bias, training)
-        outputs = self._linear(inputs, folded, None, training) / scale + bias
+            return self._linear(inputs, folded, folded_bias, ranges, training)
+        outputs = self._linear(inputs, folded, None, ranges, training) / scale + bias
         reduce_axes = tuple(range(len(outputs.shape) - 1))
         mean, variance = ops.moments(outputs, axes=reduce_axes)
         momentum = bn.momentum
@@ -230,26 +263,42 @@ class QuantizeWrapper(keras.layers.Wrapper):
         )
         return (outputs - mean) * (gamma * ops.rsqrt(variance + bn.epsilon)) + beta
 
-    def compute_output_shape(self, input_shape, *args, **kwargs):
+    def compute_output_shape(self, input_shape, *args, call_index=0, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
+
+    def compute_output_spec(self, inputs, *args, training=None, call_index=0, **kwargs):
+        # The wrapped layer's answer: traced from its `call` when it has no `compute_output_shape`.
+        return self.layer.compute_output_spec(inputs, *args, **kwargs)
 
     # ---- introspection and serialization --------------------------------------------------------
     def quantization_ranges(self):
-        """{name: (min, max)} of every activation range this layer quantizes with."""
+        """{name: (min, max)} of every activation range this layer quantizes with.
+
+        A shared layer's later calls have their own, named with a `_call<i>` suffix.
+        """
         result = {}
-        for name, state in self._ranges.items():
-            quantizer = self._output_quantizer if name == "output" else self.scheme.activations
-            low, high = quantizer.range(state)
-            result[name] = (float(low), float(high))
+        for index, ranges in enumerate(self._ranges):
+            for name, state in ranges.items():
+                if name == "output":
+                    quantizer = self._output_quantizers[index]
+                else:
+                    quantizer = self.scheme.activations
+                low, high = quantizer.range(state)
+                result[name + _call_suffix(index)] = (float(low), float(high))
         return result
 
     @property
     def output_range(self):
         """`(quantizer, range variables)` this layer's output is quantized with, or None."""
-        if self._output_quantizer is not None:
-            return self._output_quantizer, self._ranges["output"]
+        return self.output_range_of(0)
+
+    def output_range_of(self, call_index):
+        """`(quantizer, range variables)` of call `call_index`'s output, or None."""
+        quantizer = self._output_quantizers[call_index]
+        if quantizer is not None:
+            return quantizer, self._ranges[call_index]["output"]
         if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
-            return self._input_range
+            return self._input_ranges[call_index]
         return None
 
     def get_config(self):
@@ -264,12 +313,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return config
 
 
+def _call_suffix(index):
+    return "" if index == 0 else f"_call{index}"
+
+
 def _input_range_of(inputs):
-    layer = _keras_private.producer(inputs)
+    layer, call_kwargs = _keras_private.producing_call(inputs)
     if isinstance(layer, Quantize):
         return layer.quantizer, layer._range
     if isinstance(layer, QuantizeWrapper):
-        return layer.output_range
+        return layer.output_range_of(call_kwargs.get("call_index", 0))
     return None
 
 

@@ -124,6 +124,10 @@ class QuantizeAnnotate(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape, *args, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
 
+    def compute_output_spec(self, *args, **kwargs):
+        # The wrapped layer's answer: traced from its `call` when it has no `compute_output_shape`.
+        return self.layer.compute_output_spec(*args, **kwargs)
+
     def get_config(self):
         scheme = keras.saving.serialize_keras_object(self.scheme) if self.scheme else None
         return {**super().get_config(), "scheme": scheme}
@@ -138,16 +142,23 @@ def _quantize(model, scheme, skip, annotated_only):
     plan = _plan(graph, scheme, skip, annotated_only)
     substitutes, pending, names = {}, [], _UniqueNames()
 
+    calls = {}  # id(layer) -> the plan's steps for each call of it, in order
+    for node in graph.nodes:
+        if not node.is_input:
+            calls.setdefault(id(node.layer), []).append(plan[node.id])
+
     def substitute(node):
         key = id(node.layer)
         if key not in substitutes:
-            substitutes[key] = _substitute(plan[node.id], _unannotated(node.layer), pending, names)
+            substitutes[key] = _substitute(calls[key], _unannotated(node.layer), pending, names)
         return substitutes[key]
 
     def call_layer(node, args, kwargs):
         step = plan[node.id]
         if step.action == _FOLDED:
             return args[0]
+        if step.action == _WRAP and len(calls[id(node.layer)]) > 1:
+            kwargs = {**kwargs, "call_index": graph.call_index(node)}
         outputs = substitute(node)(*args, **kwargs)
         if step.action == _FLOAT and step.requantize:
             outputs = keras.tree.map_structure(
@@ -169,16 +180,22 @@ def _quantize(model, scheme, skip, annotated_only):
     return quantized
 
 
-def _substitute(step, layer, pending, names):
-    """The layer that replaces `layer`: a renamed float copy, or a QuantizeWrapper of a copy."""
+def _substitute(steps, layer, pending, names):
+    """The layer that replaces `layer`: a renamed float copy, or a QuantizeWrapper of a copy.
+
+    `steps` holds the plan for each call of `layer`; a shared layer's calls share one plan, but
+    each call decides for itself whether its output is quantized or left to a fused activation.
+    """
+    step = steps[0]
     if step.action == _FLOAT:
         return _clone(layer, pending, name=names.take(layer.name))
     batchnorm = _clone(step.batchnorm, pending) if step.batchnorm is not None else None
+    quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
         _clone(layer, pending),
         scheme=step.scheme,
         batchnorm=batchnorm,
-        quantize_output=step.quantize_output,
+        quantize_output=quantize_output if len(steps) > 1 else quantize_output[0],
         name=names.take(f"quant_{layer.name}"),
     )
 
@@ -235,6 +252,16 @@ def _plan(graph, scheme, skip, annotated_only):
 
     for node in graph.nodes:
         step = steps.get(node.id)
+        if step is None or step.action != _WRAP:
+            continue
+        if handlers_lib.get_handler(_unannotated(node.layer)).producers_take_output_scale:
+            for ref in node.input_refs:
+                producer = _producer_taking_scale(graph, graph.nodes[ref.node], steps)
+                if producer is not None:
+                    steps[producer.id].quantize_output = False
+
+    for node in graph.nodes:
+        step = steps.get(node.id)
         if step is not None and step.action == _FLOAT:
             # A float layer's output is quantized again only where a quantized layer reads it.
             step.requantize = any(
@@ -266,12 +293,35 @@ def _foldable_batchnorm(graph, node, handler, steps):
     return candidate
 
 
+def _producer_taking_scale(graph, node, steps):
+    """The op that TFLite will have write its output at its consumer's scale (see
+    `LayerHandler.producers_take_output_scale`), found through ops that keep their input's scale.
+
+    Only an op with a learned output range whose output feeds nothing else qualifies: elsewhere the
+    converter keeps the op's own scale and requantizes, as the Keras model then also does.
+    """
+    while True:
+        step = steps.get(node.id)
+        if step is None or step.action != _WRAP:
+            return None
+        if graph.is_model_output(node) or len(graph.consumers(node)) != 1:
+            return None
+        policy = handlers_lib.get_handler(_unannotated(node.layer)).output_policy(
+            _unannotated(node.layer)
+        )[0]
+        if policy == handlers_lib.QUANTIZE:
+            return node
+        if policy != handlers_lib.PASS_THROUGH or len(node.input_refs) != 1:
+            return None
+        node = graph.nodes[node.input_refs[0].node]
+
+
 def _fused_activation_follows(graph, node, output_node, steps):
     layer = _unannotated(node.layer)
     if getattr(layer, "activation", None) is not None:
         if handlers_lib.activation_name(layer.activation) != "linear":
             return False
-    if graph.is_model_output(output_node) or graph.calls_of(node.layer) != 1:
+    if graph.is_model_output(output_node):
         return False
     consumers = graph.consumers(output_node)
     if len(consumers) != 1 or steps[consumers[0].id].action != _WRAP:
