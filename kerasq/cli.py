@@ -113,7 +113,17 @@ def run(argv=None):
         main_module.__doc__ = __doc__
     for name in _FLAG_NAMES:
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
-    app.run(main, argv=argv)
+    arguments = sys.argv if argv is None else argv
+    try:
+        app.run(main, argv=argv)
+    except SystemExit as exit:
+        # absl exits with 1 after printing help; asking for help is not an error.
+        if exit.code == 1 and _HELP_FLAGS & set(arguments[1:]):
+            raise SystemExit(0) from None
+        raise
+
+
+_HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}
 
 
 if __name__ == "__main__":

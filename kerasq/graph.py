@@ -35,7 +35,10 @@ class TensorRef(NamedTuple):
 
 @dataclasses.dataclass
 class Node:
-    """One call of one layer. `args`/`kwargs` hold `TensorRef`s where the call took tensors."""
+    """One call of one layer, or of a bare Keras operation (`a - b`, `keras.ops.mean(x)`, `x[:, 0]`).
+
+    `args`/`kwargs` hold `TensorRef`s where the call took tensors.
+    """
 
     id: int
     layer: Any
@@ -198,7 +201,7 @@ class LayerGraph:
             layer_name, call_index, tensor_index = history
             # Unlike call arguments, input/output entries keep Keras's own node numbering, in which a
             # nested Functional model's node 0 is its own input-to-output node.
-            if layer_name not in input_names and _keras_private.is_functional(model.get_layer(layer_name)):
+            if layer_name not in input_names and _keras_private.is_functional(_operation(model, layer_name)):
                 call_index -= 1
             return produced[layer_name][call_index][tensor_index]
 
@@ -207,7 +210,7 @@ class LayerGraph:
         return inputs, outputs
 
     def _read_call(self, model, layer_name, call_data, produced, scope):
-        layer = model.get_layer(layer_name)
+        layer = _operation(model, layer_name)
         args, kwargs = _deserialize_call(call_data, produced)
         if isinstance(layer, keras.Model):
             _check_walkable(layer, f"layer '{layer.name}' of '{model.name}'")
@@ -227,6 +230,14 @@ class _NodeOutputs:
 
     def __getitem__(self, index):
         return TensorRef(self.node_id, index)
+
+
+def _operation(model, name):
+    """The layer, or bare operation such as `keras.ops.add` or `x[:, 0]`, that `model` calls `name`."""
+    for operation in model.operations:
+        if operation.name == name:
+            return operation
+    raise ValueError(f"Model '{model.name}' has no layer or operation named '{name}'.")
 
 
 def _check_walkable(model, what):

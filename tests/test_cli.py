@@ -181,6 +181,7 @@ def test_demo_command_end_to_end(tmp_path):
 
 
 def test_help_lists_the_commands_and_flags():
-    result = kerasq_command("--help")  # absl prints the help and exits with 1
+    result = kerasq_command("--help")
+    assert result.returncode == 0, result.stderr[-3000:]
     for text in ("kerasq demo", "kerasq inspect", "kerasq bench", "kerasq eval", "--qat_epochs", "--output_dir"):
         assert text in result.stdout

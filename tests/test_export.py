@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+import kerasq
 from kerasq.data import load_digits
 from fake_quant_layers import FakeQuant, QConv, QDense
 from kerasq.export import ExportError, TFLiteModel, export_tflite, verify_tflite
@@ -181,6 +182,12 @@ def test_multi_input_multi_output_keeps_order():
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
+def test_qat_file_outputs_keep_the_float_model_names():
+    model = multi_io_model()
+    qat = kerasq.quantize_model(model, skip=["a_head"])  # a float layer, its output quantized after it
+    assert TFLiteModel(export_tflite(qat)).output_names == ["z_head", "m_head", "a_head"]
+
+
 def test_multi_input_ptq_with_tuple_and_generator():
     model = multi_io_model()
     rng = np.random.default_rng(1)
@@ -309,3 +316,25 @@ def test_int8_conversion_error_suggests_leaving_the_layer_in_float():
     assert "op foo (in layer 'my_layer') has no int8 support" in text
     assert "quantize_model(model, skip=['my_layer'])" in text
     assert text.endswith("Converter said: Quantization not yet supported for op: 'tfl.foo'")
+
+
+def test_qat_flatten_and_reshape_export_as_single_reshapes():
+    """Not SHAPE/STRIDED_SLICE/PACK computing the batch size at run time, as Keras's own layers do."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.Reshape((4, -1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    qat = kerasq.quantize_model(model)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(20, 6, 6, 2)).astype("float32")
+    qat(x, training=True)
+    tflite = TFLiteModel(export_tflite(qat))
+    assert set(tflite.ops) == {"CONV_2D", "RESHAPE", "FULLY_CONNECTED"}
+    whole = tflite.predict_raw(x, batch_size=len(x))
+    np.testing.assert_array_equal(tflite.predict_raw(x, batch_size=7), whole)
+    np.testing.assert_allclose(tflite.predict(x), qat.predict(x, verbose=0), atol=1.01 * tflite.output_step(0))

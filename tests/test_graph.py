@@ -416,3 +416,30 @@ def test_reading_does_not_change_the_model():
     assert model.get_config() == before_config
     for before, after in zip(before_weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)
+
+
+# ---- bare operations -----------------------------------------------------------------------------
+
+
+def test_bare_operations_are_nodes():
+    """`a - b`, `keras.ops.*` and slicing on symbolic tensors are Keras operations, not layers."""
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    x = keras.ops.mean(keras.ops.reshape(a - b * 2.0, (-1, 2, 2)), axis=1)[:, :1]
+    model = keras.Model([a, b], keras.layers.Dense(3, name="head")(x))
+    graph = LayerGraph(model)
+    kinds = [type(node.layer).__name__ for node in graph.nodes if not node.is_input]
+    assert kinds == ["Multiply", "Subtract", "Reshape", "Mean", "GetItem", "Dense"]
+    data = [_random(5, 4), _random(5, 4)]
+    _assert_same_predictions(model, _same_layers(graph), data)
+    _assert_same_predictions(model, _cloned_layers_or_operations(graph), data)
+
+
+def _cloned_layers_or_operations(graph):
+    def call_layer(node, args, kwargs):
+        clone = type(node.layer).from_config(node.layer.get_config())
+        if isinstance(node.layer, keras.layers.Layer):
+            clone.build_from_config(node.layer.get_build_config())
+            clone.set_weights(node.layer.get_weights())
+        return clone(*args, **kwargs)
+
+    return graph.rebuild(call_layer)

@@ -129,6 +129,16 @@ def shared_tower_model():
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
+def bare_operations_model():
+    """Keras ops called on symbolic tensors (no layers): subtract, mean, slicing, scaling."""
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    y = layers.Conv2D(16, 3, padding="same")(x)
+    x = keras.ops.mean(x - y, axis=(1, 2))
+    x = x[:, :12] * 0.5
+    return keras.Model(inputs, layers.Dense(10)(x))
+
+
 def test_small_cnn_parity_and_accuracy(digits, tmp_path):
     qat, tflite, report = _qat_and_export(small_cnn(), digits, epochs=20, qat_epochs=2, tmp_path=tmp_path)
     _assert_parity(report, tflite)
@@ -187,6 +197,15 @@ def test_conv1d_parity(digits, tmp_path):
     qat, tflite, report = _qat_and_export(conv1d_model(), sequences, epochs=15, qat_epochs=2, tmp_path=tmp_path)
     _assert_parity(report, tflite)
     assert tflite.evaluate(x_test[..., 0], y_test) > 0.85
+
+
+def test_bare_operations_parity(digits, tmp_path):
+    qat, tflite, report = _qat_and_export(
+        bare_operations_model(), digits, epochs=15, qat_epochs=2, tmp_path=tmp_path
+    )
+    _assert_parity(report, tflite)
+    for op in ("SUB", "MEAN", "STRIDED_SLICE", "MUL"):
+        assert op in tflite.ops
 
 
 def test_shared_layers_parity(digits, tmp_path):

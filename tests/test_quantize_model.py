@@ -933,3 +933,23 @@ print(json.dumps({"same": before == after, "changed_env": changed,
     assert report["changed_env"] == []
     assert report["before"] == report["after"]
     assert report["same"]
+
+
+def test_bare_operations_are_quantized_unless_skipped():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(4, name="dense")(inputs)
+    x = keras.ops.mean(hidden * 2.0, axis=-1, keepdims=True)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x - hidden))
+    operations = {type(op).__name__: op.name for op in model.operations}
+    qat = kerasq.quantize_model(model)
+    quantized = {layer.name for layer in qat.layers if isinstance(layer, kerasq.Quantize)}
+    assert {f"{operations[kind]}_quantize" for kind in ("Multiply", "Mean", "Subtract")} <= quantized
+    data = RNG.uniform(-1, 1, size=(16, 4)).astype("float32")
+    qat(data, training=True)
+    expected = np.asarray(model(data))
+    assert np.abs(np.asarray(qat(data)) - expected).max() < 0.1 * np.abs(expected).max()
+
+    mean_name = operations["Mean"]
+    skipped = kerasq.quantize_model(model, skip=[mean_name])
+    assert f"{mean_name}_quantize" not in {layer.name for layer in skipped.layers}
+    assert f"{mean_name}_quantize" not in {layer.name for layer in kerasq.quantize_apply(model).layers}

@@ -158,9 +158,9 @@ def _warn_if_float_ops(content):
     ops = [op.name for op in graph.ops if is_float & set(op.inputs + op.outputs) and op.name not in ("QUANTIZE", "DEQUANTIZE")]
     if ops:
         warnings.warn(
-            f"The exported file is not fully integer: {', '.join(dict.fromkeys(ops))} run in float (the converter has "
-            "no int8 kernel for them). Devices without float support (int8-only NPUs, microcontrollers) cannot "
-            "run it; TFLiteModel(...).summary() lists the float tensors.",
+            f"The exported file is not fully integer: {', '.join(dict.fromkeys(ops))} run in float (layers left "
+            "in float with skip=, or ops the converter has no int8 kernel for). Devices without float support "
+            "(int8-only NPUs, microcontrollers) cannot run it; TFLiteModel(...).summary() lists the float tensors.",
             stacklevel=3,
         )
 
@@ -292,7 +292,27 @@ def _output_names(model):
         names = [model.layers[-1].name]
     if len(names) != count:
         names = [f"output_{i}" for i in range(count)]
+    float_names = [_float_model_name(tensor, name) for tensor, name in zip(model.outputs, names)]
+    if len(set(float_names)) == len(float_names):
+        names = float_names
     return _sanitized(names, "output")
+
+
+def _float_model_name(tensor, name):
+    """A QAT model's output under the name of the float model's layer, so QAT and PTQ files agree."""
+    import keras
+
+    from kerasq import _keras_private
+    from kerasq.quantization.layers import Quantize, QuantizeWrapper
+
+    layer = _keras_private.producer(tensor)
+    if isinstance(layer, QuantizeWrapper):
+        return layer.layer.name
+    if isinstance(layer, Quantize):  # the float layer before it was left unquantized
+        source = _keras_private.producer(layer.input)
+        if source is not None and not isinstance(source, keras.layers.InputLayer):
+            return source.name
+    return name
 
 
 def _sanitized(names, prefix):
@@ -406,6 +426,7 @@ def _quiet():
                 pass
             os.dup2(saved_fd, 2)
             os.close(saved_fd)
+        log.file.close()
 
 
 # ---- files --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from kerasq.quantization.handlers import (
     FIXED,
     PASS_THROUGH,
     QUANTIZE,
+    SAME_SCALE,
     KernelHandler,
     LayerHandler,
     get_handler,

@@ -100,6 +100,21 @@ class UpSamplingHandler(LayerHandler):
         return (PASS_THROUGH if nearest else SAME_SCALE), None
 
 
+class ReshapeHandler(LayerHandler):
+    """Flatten/Reshape: a reshape to a constant shape, so the file holds a single RESHAPE op rather
+    than ops that compute the batch size at run time."""
+
+    def __init__(self):
+        super().__init__(output=PASS_THROUGH)
+
+    def run(self, layer, inputs, *args, **kwargs):
+        shape = tuple(layer.compute_output_shape(tuple(inputs.shape)))[1:]
+        channels_first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        if channels_first or any(size is None for size in shape):
+            return layer(inputs, *args, **kwargs)
+        return ops.reshape(inputs, (-1,) + shape)
+
+
 def fused_activation_name(layer):
     """'relu' or 'relu6' if `layer` is an activation layer TFLite can fuse into the op before it."""
     name = _layer_activation_name(layer)
@@ -351,7 +366,7 @@ def _register_builtin_handlers():
     pass_through = LayerHandler(output=PASS_THROUGH)
     for layer_class in (
         layers.MaxPooling1D, layers.MaxPooling2D, layers.MaxPooling3D,
-        layers.Flatten, layers.Reshape, layers.Permute,
+        layers.Permute,
         layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D, layers.SpatialDropout3D,
         layers.GaussianNoise, layers.GaussianDropout, layers.AlphaDropout, layers.ActivityRegularization,
         layers.ZeroPadding1D, layers.ZeroPadding2D, layers.ZeroPadding3D,
@@ -359,6 +374,9 @@ def _register_builtin_handlers():
         layers.Identity,
     ):
         register_handler(layer_class, pass_through)
+    reshape = ReshapeHandler()
+    for layer_class in (layers.Flatten, layers.Reshape):
+        register_handler(layer_class, reshape)
     same_scale = LayerHandler(output=SAME_SCALE)
     for layer_class in (layers.AveragePooling1D, layers.AveragePooling2D, layers.AveragePooling3D):
         register_handler(layer_class, same_scale)

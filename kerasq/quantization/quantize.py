@@ -60,8 +60,9 @@ def quantize_annotate_model(to_annotate):
     def call_layer(node, args, kwargs):
         if id(node.layer) not in clones:
             layer = _clone(node.layer, pending)
+            bare_operation = not isinstance(layer, keras.layers.Layer)
             clones[id(node.layer)] = (
-                layer if isinstance(layer, QuantizeAnnotate) else QuantizeAnnotate(layer)
+                layer if bare_operation or isinstance(layer, QuantizeAnnotate) else QuantizeAnnotate(layer)
             )
         return clones[id(node.layer)](*args, **kwargs)
 
@@ -213,6 +214,7 @@ class _Step:
         self.batchnorm = None
         self.quantize_output = True
         self.requantize = True
+        self.quantized_operation = False
 
 
 def _plan(graph, scheme, skip, annotated_only):
@@ -222,6 +224,12 @@ def _plan(graph, scheme, skip, annotated_only):
         if node.is_input:
             continue
         layer = _unannotated(node.layer)
+        if not isinstance(layer, keras.layers.Layer):
+            # A bare operation (`a - b`, `keras.ops.mean(x)`) runs as it is and its output is
+            # quantized: the converter turns it into the int8 op that the ranges around it call for.
+            steps[node.id] = _Step(_FLOAT)
+            steps[node.id].quantized_operation = not annotated_only and not skip(layer)
+            continue
         if annotated_only:
             wanted = isinstance(node.layer, QuantizeAnnotate)
         else:
@@ -264,9 +272,11 @@ def _plan(graph, scheme, skip, annotated_only):
         step = steps.get(node.id)
         if step is not None and step.action == _FLOAT:
             # A float layer's output is quantized again only where a quantized layer reads it.
-            step.requantize = any(
-                steps[c.id].action == _WRAP for c in graph.consumers(node)
-            ) or (not annotated_only and graph.is_model_output(node))
+            step.requantize = (
+                step.quantized_operation
+                or any(steps[c.id].action == _WRAP for c in graph.consumers(node))
+                or (not annotated_only and graph.is_model_output(node))
+            )
     return steps
 
 
@@ -376,7 +386,8 @@ def _clone(layer, pending, name=None):
 
 def _copy_weights(pending):
     for clone, original in pending:
-        clone.set_weights(original.get_weights())
+        if isinstance(original, keras.layers.Layer):  # bare operations have no weights
+            clone.set_weights(original.get_weights())
 
 
 class _UniqueNames:
