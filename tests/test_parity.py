@@ -139,6 +139,20 @@ def bare_operations_model():
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
+def densenet_style_model():
+    """BatchNormalization with no Conv before it: after a concatenation, and on a sequence."""
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(8, 3, padding="same")(inputs)
+    x = layers.Concatenate()([x, layers.Conv2D(8, 3, padding="same")(x)])
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(16, 3, strides=2, padding="same")(x)
+    x = layers.Reshape((16, 16))(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
+    x = layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, layers.Dense(10)(x))
+
+
 def test_small_cnn_parity_and_accuracy(digits, tmp_path):
     qat, tflite, report = _qat_and_export(small_cnn(), digits, epochs=20, qat_epochs=2, tmp_path=tmp_path)
     _assert_parity(report, tflite)
@@ -206,6 +220,16 @@ def test_bare_operations_parity(digits, tmp_path):
     _assert_parity(report, tflite)
     for op in ("SUB", "MEAN", "STRIDED_SLICE", "MUL"):
         assert op in tflite.ops
+
+
+def test_standalone_batchnorm_parity(digits, tmp_path):
+    qat, tflite, report = _qat_and_export(
+        densenet_style_model(), digits, epochs=15, qat_epochs=2, tmp_path=tmp_path
+    )
+    _assert_parity(report, tflite)  # fully integer: no float MUL/ADD left for the BatchNorms
+    assert tflite.ops.count("DEPTHWISE_CONV_2D") == 2 and "RELU" not in tflite.ops
+    (_, _), (x_test, y_test) = digits
+    assert tflite.evaluate(x_test, y_test) > 0.85
 
 
 def test_shared_layers_parity(digits, tmp_path):

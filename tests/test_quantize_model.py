@@ -295,7 +295,8 @@ def test_fold_batchnorm_false_keeps_a_quantized_batchnorm():
     model = _conv_bn_relu_model()
     qat = kerasq.quantize_model(model, kerasq.QuantizationScheme(fold_batchnorm=False))
     assert _wrapper_of(qat, keras.layers.Conv2D).batchnorm is None
-    assert _wrapper_of(qat, keras.layers.BatchNormalization) is not None
+    # The BatchNorm stands alone, folded into a depthwise conv of its own.
+    assert qat.get_layer("quant_bn").batchnorm is not None
 
 
 def test_batchnorm_after_a_conv_that_is_also_a_model_output_is_not_folded():
@@ -305,7 +306,8 @@ def test_batchnorm_after_a_conv_that_is_also_a_model_output_is_not_folded():
     model = keras.Model(inputs, [conv, normalized])
     qat = kerasq.quantize_model(model)
     assert _wrapper_of(qat, keras.layers.Conv2D).batchnorm is None
-    assert _wrapper_of(qat, keras.layers.BatchNormalization) is not None
+    # The BatchNorm stands alone, folded into a depthwise conv of its own.
+    assert qat.get_layer("quant_bn").batchnorm is not None
 
 
 # ---- activation fusion -------------------------------------------------------------------------
@@ -953,3 +955,39 @@ def test_bare_operations_are_quantized_unless_skipped():
     skipped = kerasq.quantize_model(model, skip=[mean_name])
     assert f"{mean_name}_quantize" not in {layer.name for layer in skipped.layers}
     assert f"{mean_name}_quantize" not in {layer.name for layer in kerasq.quantize_apply(model).layers}
+
+
+def test_standalone_batchnorm_runs_as_a_folded_depthwise_conv(tmp_path):
+    inputs = keras.Input((6, 6, 2))
+    joined = keras.layers.Concatenate()([keras.layers.Conv2D(3, 3)(inputs), keras.layers.Conv2D(3, 3)(inputs)])
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inputs, keras.layers.ReLU(name="relu")(bn(joined)))
+    data = RNG.uniform(-1, 1, size=(16, 6, 6, 2)).astype("float32")
+    bn(joined)  # built
+    bn.set_weights([w + RNG.uniform(0.5, 1.5, size=w.shape).astype("float32") for w in bn.get_weights()])
+    before = _weights(model)
+    # Frozen BatchNorm, so the calibration pass below moves only the ranges, not the statistics.
+    qat = kerasq.quantize_model(model, kerasq.QuantizationScheme(freeze_batchnorm=True))
+    wrapper = qat.get_layer("quant_bn")
+    assert isinstance(wrapper.layer, keras.layers.DepthwiseConv2D) and not wrapper.layer.trainable
+    assert wrapper.batchnorm is not None and wrapper.quantize_output is False  # the ReLU fuses
+    _assert_weights_equal(_weights(wrapper.batchnorm), _weights(bn))
+    expected = np.asarray(model(data))
+    step = (expected.max() - expected.min()) / 255
+    qat(data, training=True)
+    assert np.abs(np.asarray(qat(data)) - expected).max() < 4 * step
+    _assert_weights_equal(before, _weights(model))
+    qat.save(tmp_path / "bn.keras")
+    loaded = keras.saving.load_model(tmp_path / "bn.keras")
+    np.testing.assert_array_equal(np.asarray(loaded(data)), np.asarray(qat(data)))
+
+
+def test_standalone_batchnorm_stays_a_layer_without_folding():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(keras.layers.ReLU()(inputs)))
+    assert type(kerasq.quantize_model(model).get_layer("quant_bn").layer) is keras.layers.BatchNormalization
+    unfolded = kerasq.QuantizationScheme(fold_batchnorm=False)
+    image = keras.Input((4, 4, 2))
+    conv_model = keras.Model(image, keras.layers.BatchNormalization(name="bn")(image))
+    qat = kerasq.quantize_model(conv_model, unfolded)
+    assert type(qat.get_layer("quant_bn").layer) is keras.layers.BatchNormalization

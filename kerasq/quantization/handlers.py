@@ -389,7 +389,7 @@ def _register_builtin_handlers():
         layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.GlobalMaxPooling3D,
         layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
         layers.LeakyReLU, layers.PReLU, layers.ELU,
-        layers.BatchNormalization, layers.LayerNormalization,
+        layers.BatchNormalization, layers.LayerNormalization, layers.Normalization,
         layers.Rescaling,
     ):
         register_handler(layer_class, quantize)

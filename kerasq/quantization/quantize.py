@@ -190,14 +190,27 @@ def _substitute(steps, layer, pending, names):
     step = steps[0]
     if step.action == _FLOAT:
         return _clone(layer, pending, name=names.take(layer.name))
+    name = names.take(f"quant_{layer.name}")
     batchnorm = _clone(step.batchnorm, pending) if step.batchnorm is not None else None
+    if step.depthwise_rank is not None:
+        layer, batchnorm = _identity_depthwise(layer, step.depthwise_rank), _clone(layer, pending)
+    else:
+        layer = _clone(layer, pending)
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
-        _clone(layer, pending),
+        layer,
         scheme=step.scheme,
         batchnorm=batchnorm,
         quantize_output=quantize_output if len(steps) > 1 else quantize_output[0],
-        name=names.take(f"quant_{layer.name}"),
+        name=name,
+    )
+
+
+def _identity_depthwise(batchnorm, rank):
+    """A frozen 1x1 depthwise convolution with kernel 1, for `batchnorm` to be folded into."""
+    layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D
+    return layer_class(
+        1, use_bias=False, depthwise_initializer="ones", trainable=False, name=f"{batchnorm.name}_depthwise"
     )
 
 
@@ -214,6 +227,7 @@ class _Step:
         self.batchnorm = None
         self.quantize_output = True
         self.requantize = True
+        self.depthwise_rank = None  # a standalone BatchNorm running as a depthwise conv of this rank
         self.quantized_operation = False
 
 
@@ -255,7 +269,9 @@ def _plan(graph, scheme, skip, annotated_only):
             steps[batchnorm_node.id] = _Step(_FOLDED)
             step.batchnorm = _unannotated(batchnorm_node.layer)
             output_node = batchnorm_node
-        if handler.fuses_activation and _fused_activation_follows(graph, node, output_node, steps):
+        step.depthwise_rank = _standalone_batchnorm_rank(graph, node, step)
+        fuses = handler.fuses_activation or step.depthwise_rank is not None
+        if fuses and _fused_activation_follows(graph, node, output_node, steps):
             step.quantize_output = False
 
     for node in graph.nodes:
@@ -295,12 +311,30 @@ def _foldable_batchnorm(graph, node, handler, steps):
         return None
     if steps[candidate.id].action != _WRAP or graph.calls_of(candidate.layer) != 1:
         return None
-    rank = batchnorm.input_spec.ndim if batchnorm.input_spec is not None else None
-    axis = batchnorm.axis[0] if isinstance(batchnorm.axis, (list, tuple)) else batchnorm.axis
-    last_axis = rank is not None and axis % rank == rank - 1
-    if not last_axis or batchnorm.moving_mean.shape[0] != handler.output_channels(layer):
+    if _channels_last_rank(batchnorm) is None:
+        return None
+    if batchnorm.moving_mean.shape[0] != handler.output_channels(layer):
         return None
     return candidate
+
+
+def _standalone_batchnorm_rank(graph, node, step):
+    """The input rank of a BatchNormalization with no Conv/Dense to fold into, when it can run as
+    a 1x1 depthwise convolution with itself folded in (int8 in the file; else MUL/ADD stay float)."""
+    layer = _unannotated(node.layer)
+    if not isinstance(layer, keras.layers.BatchNormalization) or not step.scheme.fold_batchnorm:
+        return None
+    if graph.calls_of(node.layer) != 1:
+        return None
+    rank = _channels_last_rank(layer)
+    return rank if rank in (3, 4) else None
+
+
+def _channels_last_rank(batchnorm):
+    """The input rank of a BatchNormalization over the last axis, else None."""
+    rank = batchnorm.input_spec.ndim if batchnorm.input_spec is not None else None
+    axis = batchnorm.axis[0] if isinstance(batchnorm.axis, (list, tuple)) else batchnorm.axis
+    return rank if rank is not None and axis % rank == rank - 1 else None
 
 
 def _producer_taking_scale(graph, node, steps):
