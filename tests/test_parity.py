@@ -153,6 +153,18 @@ def densenet_style_model():
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
+def encoder_decoder_model():
+    """U-Net style: a strided encoder, a transposed-conv decoder, a skip connection."""
+    inputs = keras.Input((8, 8, 1))
+    skip = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(skip)
+    x = layers.Conv2DTranspose(8, 2, strides=2, activation="relu")(x)
+    x = layers.Concatenate()([skip, x])
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(10)(x))
+
+
 def test_small_cnn_parity_and_accuracy(digits, tmp_path):
     qat, tflite, report = _qat_and_export(small_cnn(), digits, epochs=20, qat_epochs=2, tmp_path=tmp_path)
     _assert_parity(report, tflite)
@@ -228,6 +240,16 @@ def test_standalone_batchnorm_parity(digits, tmp_path):
     )
     _assert_parity(report, tflite)  # fully integer: no float MUL/ADD left for the BatchNorms
     assert tflite.ops.count("DEPTHWISE_CONV_2D") == 2 and "RELU" not in tflite.ops
+    (_, _), (x_test, y_test) = digits
+    assert tflite.evaluate(x_test, y_test) > 0.85
+
+
+def test_encoder_decoder_parity(digits, tmp_path):
+    qat, tflite, report = _qat_and_export(
+        encoder_decoder_model(), digits, epochs=15, qat_epochs=2, tmp_path=tmp_path
+    )
+    _assert_parity(report, tflite)
+    assert "TRANSPOSE_CONV" in tflite.ops and "CONCATENATION" in tflite.ops
     (_, _), (x_test, y_test) = digits
     assert tflite.evaluate(x_test, y_test) > 0.85
 

@@ -144,14 +144,19 @@ class KernelHandler(LayerHandler):
 
     has_kernels = True
 
-    def __init__(self):
-        super().__init__(output=QUANTIZE, fuses_activation=True)
+    def __init__(self, fuses_activation=True):
+        super().__init__(output=QUANTIZE, fuses_activation=fuses_activation)
+
+    @property
+    def fused_activations(self):
+        """The `activation=` values TFLite runs inside this op, with no quantization before them."""
+        return FUSABLE_ACTIVATIONS if self.fuses_activation else ("linear",)
 
     def output_policy(self, layer):
-        # A fused activation (linear, ReLU, ReLU6) ends in a learned range; any other runs as its own
-        # TFLite op after a quantized pre-activation, with that op's output range.
+        # A fused activation ends in a learned range; any other runs as its own TFLite op after a
+        # quantized pre-activation, with that op's output range.
         name = activation_name(layer.activation)
-        if name in FUSABLE_ACTIVATIONS:
+        if name in self.fused_activations:
             return QUANTIZE, None
         return _activation_output_policy(name)
 
@@ -228,6 +233,37 @@ class ConvHandler(KernelHandler):
             return ops.conv(x, kernels["kernel"], strides, padding, layer.data_format, dilation_rate)
 
         return _add_bias(layer, _spatial_op(layer, inputs, conv), bias)
+
+
+class ConvTransposeHandler(KernelHandler):
+    """Conv1D/2D/3DTranspose: one weight scale per tensor. TFLite's TRANSPOSE_CONV could take one per
+    output channel, but the converter transposes the kernel into its layout first and cannot carry a
+    per-channel fake-quantization through that transpose ("mismatched quantized axes"). Nor does
+    the converter fuse a ReLU into TRANSPOSE_CONV: it runs as an op of its own."""
+
+    def __init__(self):
+        super().__init__(fuses_activation=False)
+
+    def kernel_axes(self, layer):
+        return {"kernel": None}
+
+    def output_channels(self, layer):
+        return layer.filters
+
+    def linear(self, layer, inputs, kernels, bias):
+        outputs = ops.conv_transpose(
+            inputs,
+            kernels["kernel"],
+            strides=list(layer.strides),
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        return _add_bias(layer, outputs, bias)
+
+    def scale_shape(self, layer, kernel):
+        return (1,) * (len(kernel.shape) - 2) + (kernel.shape[-2], 1)
 
 
 class DepthwiseConvHandler(KernelHandler):
@@ -404,6 +440,9 @@ def _register_builtin_handlers():
     conv = ConvHandler()
     for layer_class in (layers.Conv1D, layers.Conv2D, layers.Conv3D):
         register_handler(layer_class, conv)
+    transpose = ConvTransposeHandler()
+    for layer_class in (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose):
+        register_handler(layer_class, transpose)
     depthwise = DepthwiseConvHandler()
     for layer_class in (layers.DepthwiseConv1D, layers.DepthwiseConv2D):
         register_handler(layer_class, depthwise)

@@ -174,7 +174,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     @property
     def _activation_fuses(self):
         name = handlers_lib.activation_name(self.layer.activation)
-        return name in handlers_lib.FUSABLE_ACTIVATIONS
+        return name in self.handler.fused_activations
 
     def _make_output_quantizer(self, quantize_output):
         policy, fixed_range = self.handler.output_policy(self.layer)
