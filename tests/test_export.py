@@ -338,3 +338,16 @@ def test_qat_flatten_and_reshape_export_as_single_reshapes():
     whole = tflite.predict_raw(x, batch_size=len(x))
     np.testing.assert_array_equal(tflite.predict_raw(x, batch_size=7), whole)
     np.testing.assert_allclose(tflite.predict(x), qat.predict(x, verbose=0), atol=1.01 * tflite.output_step(0))
+
+
+def test_qat_dense_on_sequences_exports_reshape_and_fully_connected():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 4))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    qat = kerasq.quantize_model(model)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(20, 5, 4)).astype("float32")
+    qat(x, training=True)
+    tflite = TFLiteModel(export_tflite(qat))
+    assert set(tflite.ops) == {"RESHAPE", "FULLY_CONNECTED"}
+    np.testing.assert_allclose(tflite.predict(x), qat.predict(x, verbose=0), atol=1.01 * tflite.output_step(0))

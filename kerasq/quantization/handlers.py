@@ -84,6 +84,24 @@ class ActivationHandler(LayerHandler):
             return PASS_THROUGH, None
         return _activation_output_policy(name)
 
+    def run(self, layer, inputs, *args, **kwargs):
+        if isinstance(layer, layers.Activation) and not args and not kwargs:
+            return run_activation(layer.activation, inputs)
+        return layer(inputs, *args, **kwargs)
+
+
+def run_activation(activation, x):
+    """`activation(x)` as TFLite's int8 kernels compute it.
+
+    SiLU (swish) becomes LOGISTIC then MUL in the file, with the logistic's int8 output in its fixed
+    range in between: that rounding is simulated too. Other activations run as they are.
+    """
+    if activation_name(activation) == "silu":
+        low, high = UNIT_RANGE
+        gate = keras.quantizers.fake_quant_with_min_max_vars(ops.sigmoid(x), low, high, num_bits=8)
+        return x * gate
+    return activation(x)
+
 
 def _activation_output_policy(name):
     """TFLite's fixed output range for activation `name` where it has one, else a learned range."""
@@ -212,7 +230,15 @@ class DenseHandler(KernelHandler):
         return layer.units
 
     def linear(self, layer, inputs, kernels, bias):
-        outputs = ops.matmul(inputs, kernels["kernel"])
+        kernel = kernels["kernel"]
+        middle = tuple(inputs.shape[1:-1])
+        if middle and None not in middle:
+            # A constant-shape reshape around a 2D matmul: one FULLY_CONNECTED in the file, not the
+            # ops that compute a dynamic shape for a batched matmul.
+            flat = ops.matmul(ops.reshape(inputs, (-1, inputs.shape[-1])), kernel)
+            outputs = ops.reshape(flat, (-1,) + middle + (kernel.shape[-1],))
+        else:
+            outputs = ops.matmul(inputs, kernel)
         return outputs if bias is None else ops.add(outputs, bias)
 
 

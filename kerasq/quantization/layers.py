@@ -213,7 +213,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not self._activation_fuses:
             outputs = self.scheme.activations(outputs, ranges["pre_activation"], training)
         if layer.activation is not None:
-            outputs = layer.activation(outputs)
+            outputs = handlers_lib.run_activation(layer.activation, outputs)
         return outputs
 
     def _quantize_kernels(self, kernels):
