@@ -990,3 +990,20 @@ def test_standalone_batchnorm_stays_a_layer_without_folding():
     conv_model = keras.Model(image, keras.layers.BatchNormalization(name="bn")(image))
     qat = kerasq.quantize_model(conv_model, unfolded)
     assert type(qat.get_layer("quant_bn").layer) is keras.layers.BatchNormalization
+
+
+def test_embedding_table_is_quantized_with_one_scale(tmp_path):
+    inputs = keras.Input((5,), dtype="int32")
+    model = keras.Model(inputs, keras.layers.Embedding(12, 4, name="embed")(inputs))
+    before = _weights(model)
+    qat = kerasq.quantize_model(model)
+    wrapper = qat.get_layer("quant_embed")
+    assert isinstance(wrapper, QuantizeWrapper) and wrapper.quantization_ranges() == {}
+    tokens = RNG.integers(0, 12, size=(3, 5)).astype("int32")
+    table = np.asarray(model.get_layer("embed").embeddings)
+    step = np.abs(table).max() / 127
+    got = np.asarray(qat(tokens))
+    np.testing.assert_allclose(got, np.rint(table[tokens] / step) * step, atol=1e-6)
+    _assert_weights_equal(before, _weights(model))
+    qat.save(tmp_path / "embed.keras")
+    np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "embed.keras")(tokens)), got)

@@ -292,6 +292,29 @@ class ConvTransposeHandler(KernelHandler):
         return (1,) * (len(kernel.shape) - 2) + (kernel.shape[-2], 1)
 
 
+class EmbeddingHandler(KernelHandler):
+    """Embedding: an int8 table with one scale, which TFLite's GATHER keeps for its output, so the
+    output needs no range of its own."""
+
+    def __init__(self):
+        super().__init__(fuses_activation=False)
+
+    def output_policy(self, layer):
+        return PASS_THROUGH, None
+
+    def kernel_axes(self, layer):
+        return {"embeddings": None}
+
+    def output_channels(self, layer):
+        return layer.output_dim
+
+    def linear(self, layer, inputs, kernels, bias):
+        return ops.take(kernels["embeddings"], ops.cast(inputs, "int32"), axis=0)
+
+    def can_fold(self, layer):
+        return False
+
+
 class DepthwiseConvHandler(KernelHandler):
     """DepthwiseConv1D/2D: one weight scale per output channel (in_channels x depth_multiplier)."""
 
@@ -463,6 +486,7 @@ def _register_builtin_handlers():
     for layer_class in (layers.Activation, layers.ReLU, layers.Softmax):
         register_handler(layer_class, activation)
     register_handler(layers.Dense, DenseHandler())
+    register_handler(layers.Embedding, EmbeddingHandler())
     conv = ConvHandler()
     for layer_class in (layers.Conv1D, layers.Conv2D, layers.Conv3D):
         register_handler(layer_class, conv)

@@ -173,7 +173,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     @property
     def _activation_fuses(self):
-        name = handlers_lib.activation_name(self.layer.activation)
+        name = handlers_lib.activation_name(getattr(self.layer, "activation", None))
         return name in self.handler.fused_activations
 
     def _make_output_quantizer(self, quantize_output):
@@ -205,15 +205,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def _call_kernels(self, inputs, ranges, training):
         layer, handler = self.layer, self.handler
         kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
-        bias = layer.bias if layer.use_bias else None
+        bias = layer.bias if getattr(layer, "use_bias", False) else None
         if self.batchnorm is None:
             outputs = self._linear(inputs, self._quantize_kernels(kernels), bias, ranges, training)
         else:
             outputs = self._linear_with_batchnorm(inputs, kernels, bias, ranges, training)
         if not self._activation_fuses:
             outputs = self.scheme.activations(outputs, ranges["pre_activation"], training)
-        if layer.activation is not None:
-            outputs = handlers_lib.run_activation(layer.activation, outputs)
+        activation = getattr(layer, "activation", None)
+        if activation is not None:
+            outputs = handlers_lib.run_activation(activation, outputs)
         return outputs
 
     def _quantize_kernels(self, kernels):
