@@ -1007,3 +1007,9 @@ def test_embedding_table_is_quantized_with_one_scale(tmp_path):
     _assert_weights_equal(before, _weights(model))
     qat.save(tmp_path / "embed.keras")
     np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "embed.keras")(tokens)), got)
+
+
+def test_quantizing_a_quantized_model_says_so():
+    qat = kerasq.quantize_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+    with pytest.raises(ValueError, match="already quantized"):
+        kerasq.quantize_model(qat)

@@ -139,6 +139,12 @@ _FLOAT, _WRAP, _FOLDED = "float", "wrap", "folded"
 
 
 def _quantize(model, scheme, skip, annotated_only):
+    if isinstance(model, keras.Model) and is_quantized(model):
+        raise ValueError(
+            f"Model '{model.name}' is already quantized: it holds kerasq Quantize/QuantizeWrapper "
+            "layers. Train it as it is and export it with kerasq.export_tflite, or quantize the float "
+            "model it came from."
+        )
     graph = LayerGraph(model)
     plan = _plan(graph, scheme, skip, annotated_only)
     substitutes, pending, names = {}, [], _UniqueNames()
