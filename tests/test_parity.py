@@ -141,7 +141,7 @@ def bare_operations_model():
 
 
 def densenet_style_model():
-    """BatchNormalization with no Conv before it: after a concatenation, and on a sequence."""
+    """BatchNormalization with no Conv before it: after a concatenation, on a sequence, on features."""
     inputs = keras.Input((8, 8, 1))
     x = layers.Conv2D(8, 3, padding="same")(inputs)
     x = layers.Concatenate()([x, layers.Conv2D(8, 3, padding="same")(x)])
@@ -151,6 +151,7 @@ def densenet_style_model():
     x = layers.Reshape((16, 16))(x)
     x = layers.BatchNormalization(momentum=0.9)(x)
     x = layers.GlobalAveragePooling1D()(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)  # on (batch, features)
     return keras.Model(inputs, layers.Dense(10)(x))
 
 
@@ -267,7 +268,7 @@ def test_standalone_batchnorm_parity(digits, tmp_path):
         densenet_style_model(), digits, epochs=15, qat_epochs=2, tmp_path=tmp_path
     )
     _assert_parity(report, tflite)  # fully integer: no float MUL/ADD left for the BatchNorms
-    assert tflite.ops.count("DEPTHWISE_CONV_2D") == 2 and "RELU" not in tflite.ops
+    assert tflite.ops.count("DEPTHWISE_CONV_2D") == 3 and "RELU" not in tflite.ops
     (_, _), (x_test, y_test) = digits
     assert tflite.evaluate(x_test, y_test) > 0.85
 

@@ -981,10 +981,22 @@ def test_standalone_batchnorm_runs_as_a_folded_depthwise_conv(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(data)), np.asarray(qat(data)))
 
 
-def test_standalone_batchnorm_stays_a_layer_without_folding():
+def test_standalone_batchnorm_on_features_runs_as_a_length_one_sequence(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(keras.layers.ReLU()(inputs)))
-    assert type(kerasq.quantize_model(model).get_layer("quant_bn").layer) is keras.layers.BatchNormalization
+    model.get_layer("bn").set_weights([RNG.uniform(0.5, 2.0, size=4).astype("float32") for _ in range(4)])
+    qat = kerasq.quantize_model(model, kerasq.QuantizationScheme(freeze_batchnorm=True))
+    assert isinstance(qat.get_layer("quant_bn").layer, keras.layers.DepthwiseConv1D)
+    data = RNG.uniform(-1, 1, size=(32, 4)).astype("float32")
+    qat(data, training=True)
+    expected = np.asarray(model(data))
+    assert np.asarray(qat(data)).shape == (32, 4)
+    assert np.abs(np.asarray(qat(data)) - expected).max() < 2 * (expected.max() - expected.min()) / 255
+    qat.save(tmp_path / "bn.keras")
+    np.testing.assert_array_equal(np.asarray(keras.saving.load_model(tmp_path / "bn.keras")(data)), np.asarray(qat(data)))
+
+
+def test_standalone_batchnorm_stays_a_layer_without_folding():
     unfolded = kerasq.QuantizationScheme(fold_batchnorm=False)
     image = keras.Input((4, 4, 2))
     conv_model = keras.Model(image, keras.layers.BatchNormalization(name="bn")(image))

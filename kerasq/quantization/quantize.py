@@ -166,7 +166,13 @@ def _quantize(model, scheme, skip, annotated_only):
             return args[0]
         if step.action == _WRAP and len(calls[id(node.layer)]) > 1:
             kwargs = {**kwargs, "call_index": graph.call_index(node)}
-        outputs = substitute(node)(*args, **kwargs)
+        if step.depthwise_rank == 2:
+            # A BatchNorm on (batch, channels) runs as a depthwise conv over a length-1 sequence.
+            (features, *rest) = args
+            outputs = substitute(node)(keras.ops.expand_dims(features, 1), *rest, **kwargs)
+            outputs = keras.ops.squeeze(outputs, 1)
+        else:
+            outputs = substitute(node)(*args, **kwargs)
         if step.action == _FLOAT and step.requantize:
             outputs = keras.tree.map_structure(
                 lambda tensor: _quantize_float(tensor, scheme, names.take(f"{node.layer.name}_quantize")),
@@ -214,7 +220,7 @@ def _substitute(steps, layer, pending, names):
 
 def _identity_depthwise(batchnorm, rank):
     """A frozen 1x1 depthwise convolution with kernel 1, for `batchnorm` to be folded into."""
-    layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D
+    layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D  # rank 2: see _quantize
     return layer_class(
         1, use_bias=False, depthwise_initializer="ones", trainable=False, name=f"{batchnorm.name}_depthwise"
     )
@@ -326,14 +332,15 @@ def _foldable_batchnorm(graph, node, handler, steps):
 
 def _standalone_batchnorm_rank(graph, node, step):
     """The input rank of a BatchNormalization with no Conv/Dense to fold into, when it can run as
-    a 1x1 depthwise convolution with itself folded in (int8 in the file; else MUL/ADD stay float)."""
+    a 1x1 depthwise convolution with itself folded in (int8 in the file; else MUL/ADD stay float).
+    Rank 2 inputs run as length-1 sequences."""
     layer = _unannotated(node.layer)
     if not isinstance(layer, keras.layers.BatchNormalization) or not step.scheme.fold_batchnorm:
         return None
     if graph.calls_of(node.layer) != 1:
         return None
     rank = _channels_last_rank(layer)
-    return rank if rank in (3, 4) else None
+    return rank if rank in (2, 3, 4) else None
 
 
 def _channels_last_rank(batchnorm):
