@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+import kerasq
 from kerasq.data import load_digits
 from kerasq.export import ParityReport, TFLiteModel, export_tflite, verify_tflite
 from kerasq.export.verify import OutputParity
@@ -149,3 +150,16 @@ def test_mismatched_model_and_bad_inputs(qat_mlp, qat_file, digits):
         verify_tflite(other, qat_file, x_test)
     with pytest.raises(ValueError, match=r"\(None, 8, 8, 1\)"):
         verify_tflite(qat_mlp, qat_file, x_test[:, :, :, 0])
+
+
+def test_float_model_against_its_ptq_file_says_what_to_read(digits):
+    (x_train, _), (x_test, _) = digits
+    keras.utils.set_random_seed(9)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    report = verify_tflite(model, export_tflite(model, representative_data=x_train[:200]), x_test)
+    assert report.float_reference and "read the agreement" in str(report)
+    assert report.as_dict()["float_reference"] is True
+    assert report.outputs[0].agreement > 0.9
+    qat = kerasq.quantize_model(model)
+    qat(x_train[:200], training=True)
+    assert not verify_tflite(qat, export_tflite(qat), x_test).float_reference

@@ -53,6 +53,7 @@ class ParityReport:
     outputs: list
     num_samples: int
     size_bytes: int
+    float_reference: bool = False  # a quantized file against a model without kerasq quantization layers
 
     @property
     def passed(self):
@@ -69,6 +70,7 @@ class ParityReport:
             "fragile": self.fragile,
             "num_samples": self.num_samples,
             "size_bytes": self.size_bytes,
+            "float_reference": self.float_reference,
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
 
@@ -86,10 +88,18 @@ class ParityReport:
         if any(o.unit == "abs" for o in self.outputs):
             lines.append("abs: float output, differences in absolute units (steps: multiples of the output's scale)")
         lines.append(f"Result: {'PASSED' if self.passed else 'FAILED'}")
+        if self.float_reference:
+            lines.append(_FLOAT_REFERENCE_TEXT)
         if self.fragile:
             lines.append(_FRAGILE_TEXT)
         return "\n".join(lines)
 
+
+_FLOAT_REFERENCE_TEXT = (
+    "Note: the file is quantized but the Keras model holds no kerasq quantization layers. For a float "
+    "model and its post-training int8 file the differences are quantization error, which no step bound "
+    "applies to: read the agreement. A QAT model (kerasq.quantize_model) simulates its file to a step."
+)
 
 _FRAGILE_TEXT = (
     "Warning: the model is numerically fragile on device: TFLite's own kernel paths disagree on more than "
@@ -176,7 +186,14 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
                 passed=bool(passed),
             )
         )
-    report = ParityReport(outputs=outputs, num_samples=int(arrays[0].shape[0]), size_bytes=default.size_bytes)
+    from kerasq.quantization import is_quantized
+
+    report = ParityReport(
+        outputs=outputs,
+        num_samples=int(arrays[0].shape[0]),
+        size_bytes=default.size_bytes,
+        float_reference=not is_quantized(model) and any(o.unit == "steps" for o in outputs),
+    )
     if report.fragile:
         warnings.warn(_FRAGILE_TEXT, RuntimeWarning, stacklevel=2)
     return report
