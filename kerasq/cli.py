@@ -4,6 +4,9 @@ Usage:
   kerasq demo [--output_dir=kerasq_demo] [--epochs=N] [--qat_epochs=N] [--seed=0]
       Train a small CNN on the bundled digits, export float32, post-training int8 and
       quantization-aware int8 .tflite files, and compare accuracy, size, latency and parity.
+  kerasq convert MODEL.keras OUT.tflite [--calibration=INPUTS.npy]
+      Export a saved Keras model: a QAT model (kerasq.quantize_model) to a fully int8 file; a float
+      model to a float32 file, or with --calibration to a post-training int8 file.
   kerasq inspect FILE.tflite
       Print the file's inputs, outputs, ops, tensors and quantization.
   kerasq bench FILE.tflite [--runs=200] [--kernels=default]
@@ -14,13 +17,14 @@ Usage:
 Flags may come before or after the command; `kerasq --helpfull` lists them all.
 """
 
+import os
 import sys
 
 from absl import app, flags
 
 from kerasq import demo as demo_lib
 
-COMMANDS = ("demo", "inspect", "bench", "eval")
+COMMANDS = ("demo", "convert", "inspect", "bench", "eval")
 USAGE_ERROR = 2
 
 flags.DEFINE_string("output_dir", "kerasq_demo", "demo: folder for the .tflite and .keras files.")
@@ -29,6 +33,9 @@ flags.DEFINE_integer(
     "qat_epochs", demo_lib.DEFAULT_QAT_EPOCHS, "demo: quantization-aware fine-tuning epochs.", lower_bound=1
 )
 flags.DEFINE_integer("seed", 0, "demo: random seed (keras.utils.set_random_seed).")
+flags.DEFINE_string(
+    "calibration", None, "convert: .npy file of float model inputs for post-training int8 quantization."
+)
 flags.DEFINE_integer("runs", 200, "bench: timed single-sample runs.", lower_bound=1)
 flags.DEFINE_integer("warmup", 10, "bench: untimed runs first.", lower_bound=0)
 flags.DEFINE_enum(
@@ -39,7 +46,7 @@ flags.DEFINE_enum(
 )
 
 FLAGS = flags.FLAGS
-_FLAG_NAMES = ("output_dir", "epochs", "qat_epochs", "seed", "runs", "warmup", "kernels")
+_FLAG_NAMES = ("output_dir", "epochs", "qat_epochs", "seed", "calibration", "runs", "warmup", "kernels")
 
 
 def main(argv):
@@ -54,13 +61,59 @@ def main(argv):
             return _usage_error(f"demo takes no arguments; got {' '.join(operands)}.")
         demo_lib.run_demo(FLAGS.output_dir, FLAGS.epochs, FLAGS.qat_epochs, FLAGS.seed)
         return 0
+    if command == "convert":
+        if len(operands) != 2:
+            return _usage_error(f"convert takes MODEL.keras and OUT.tflite; got {len(operands)} arguments.")
+        return _run(command, _convert, *operands)
     if len(operands) != 1:
         return _usage_error(f"{command} takes one .tflite file; got {len(operands)} arguments.")
+    return _run(command, {"inspect": _inspect, "bench": _bench, "eval": _eval}[command], operands[0])
+
+
+def _run(command, function, *operands):
+    from kerasq.export import ExportError
+
     try:
-        return {"inspect": _inspect, "bench": _bench, "eval": _eval}[command](operands[0])
-    except (FileNotFoundError, ValueError) as error:
+        return function(*operands)
+    except (FileNotFoundError, ValueError, ExportError) as error:
         print(f"kerasq {command}: error: {error}", file=sys.stderr)
         return 1
+
+
+def _convert(model_path, out_path):
+    import numpy as np
+
+    from kerasq.export import TFLiteModel, export_tflite
+    from kerasq.quantization import is_quantized
+
+    model = _load_keras_model(model_path)
+    calibration = None
+    if FLAGS.calibration:
+        if is_quantized(model):
+            raise ValueError("--calibration is for float models; a QAT model exports to int8 without it.")
+        if not os.path.isfile(FLAGS.calibration):
+            raise FileNotFoundError(f"--calibration: no such file: {FLAGS.calibration}")
+        calibration = np.load(FLAGS.calibration, allow_pickle=False)
+    export_tflite(model, out_path, representative_data=calibration)
+    tflite = TFLiteModel(out_path)
+    kind = "QAT int8" if is_quantized(model) else ("post-training int8" if calibration is not None else "float32")
+    integer = "fully integer" if tflite.is_fully_integer else "not fully integer"
+    print(f"{out_path}: {kind}, {tflite.size_bytes:,} bytes, {len(tflite.ops)} ops, {integer}")
+    return 0
+
+
+def _load_keras_model(path):
+    import keras
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for a file it cannot read
+        raise ValueError(
+            f"could not load {path} as a Keras model ({type(error).__name__}: {str(error)[:300]}). "
+            "convert takes a .keras file saved with model.save()."
+        ) from error
 
 
 def _inspect(path):

@@ -120,6 +120,43 @@ def test_inspect_bench_and_eval_a_demo_file(tiny_demo):
     assert f"accuracy {100 * figures['qat']['tflite_accuracy']:.2f}%" in evaluate.stdout
 
 
+def test_convert_a_saved_qat_model_to_int8(tiny_demo, tmp_path):
+    from kerasq import TFLiteModel
+
+    output_dir, _, _ = tiny_demo
+    out = tmp_path / "converted.tflite"
+    result = kerasq_command("convert", str(output_dir / QAT_KERAS_FILE), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QAT int8" in result.stdout and "fully integer" in result.stdout
+    assert TFLiteModel(out).is_fully_integer
+
+
+def test_convert_a_float_model_with_and_without_calibration(tmp_path):
+    import keras
+    import numpy as np
+
+    from kerasq import TFLiteModel
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+    model.save(tmp_path / "float.keras")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(64, 6)).astype("float32"))
+    result = kerasq_command("convert", str(tmp_path / "float.keras"), str(tmp_path / "float.tflite"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "float32" in result.stdout and not TFLiteModel(tmp_path / "float.tflite").is_fully_integer
+    result = kerasq_command(
+        "convert", str(tmp_path / "float.keras"), str(tmp_path / "ptq.tflite"), f"--calibration={tmp_path / 'calib.npy'}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "post-training int8" in result.stdout and TFLiteModel(tmp_path / "ptq.tflite").is_fully_integer
+
+
+def test_convert_errors_are_one_line_not_tracebacks(tmp_path):
+    (tmp_path / "broken.keras").write_bytes(b"not a zip file")
+    result = kerasq_command("convert", str(tmp_path / "broken.keras"), str(tmp_path / "out.tflite"))
+    assert result.returncode == 1 and "could not load" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.tflite").exists()
+
+
 def test_unknown_command_exits_with_2_and_usage():
     result = kerasq_command("frobnicate")
     assert result.returncode == 2, result.stderr
@@ -135,6 +172,7 @@ def test_unknown_command_exits_with_2_and_usage():
         (["inspect"], "inspect takes one .tflite file"),
         (["bench", "a.tflite", "b.tflite"], "bench takes one .tflite file"),
         (["demo", "extra"], "demo takes no arguments"),
+        (["convert", "model.keras"], "convert takes MODEL.keras and OUT.tflite"),
     ],
 )
 def test_usage_errors_return_2(args, message, capsys):
