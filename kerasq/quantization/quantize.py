@@ -219,8 +219,11 @@ def _substitute(steps, layer, pending, names):
 
 
 def _identity_depthwise(batchnorm, rank):
-    """A frozen 1x1 depthwise convolution with kernel 1, for `batchnorm` to be folded into."""
-    layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D  # rank 2: see _quantize
+    """A frozen 1x1 depthwise convolution with kernel 1, for `batchnorm` to be folded into.
+
+    Rank 2 inputs get a 1D one: `_quantize` runs them as length-1 sequences.
+    """
+    layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D
     return layer_class(
         1, use_bias=False, depthwise_initializer="ones", trainable=False, name=f"{batchnorm.name}_depthwise"
     )
