@@ -15,6 +15,7 @@ from kerasq.data import load_digits
 RNG = np.random.default_rng(2)
 UNIT_RANGE = (0.0, 255.0 / 256.0)
 TANH_RANGE = (-1.0, 127.0 / 128.0)
+LOG_SOFTMAX_RANGE = (-15.9375, 0.0)  # TFLite int8 LOG_SOFTMAX: scale 16/256, zero point 127
 
 
 # ---- helpers and fixtures ------------------------------------------------------------------------
@@ -479,6 +480,7 @@ def test_separable_conv_quantizes_the_depthwise_output():
         (lambda: keras.layers.Dense(5, activation="sigmoid", name="act"), UNIT_RANGE),
         (lambda: keras.layers.Activation("tanh", name="act"), TANH_RANGE),
         (lambda: keras.layers.Dense(5, activation="tanh", name="act"), TANH_RANGE),
+        (lambda: keras.layers.Activation("log_softmax", name="act"), LOG_SOFTMAX_RANGE),
     ],
 )
 def test_fixed_output_ranges(make, expected):
@@ -490,7 +492,7 @@ def test_fixed_output_ranges(make, expected):
     qat(data * 2, training=True)
     assert wrapper.quantization_ranges()["output"] == pytest.approx(expected, abs=1e-7)
     outputs = np.asarray(qat(data, training=False))
-    steps = (outputs - expected[0]) * (256 if expected == UNIT_RANGE else 128)
+    steps = (outputs - expected[0]) / ((expected[1] - expected[0]) / 255)
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
     if isinstance(wrapper.layer, keras.layers.Dense):
         # The pre-activation (the Dense's own output) has a learned range.

@@ -163,3 +163,18 @@ def test_float_model_against_its_ptq_file_says_what_to_read(digits):
     qat = kerasq.quantize_model(model)
     qat(x_train[:200], training=True)
     assert not verify_tflite(qat, export_tflite(qat), x_test).float_reference
+
+
+def test_floor_skips_a_kernel_path_that_cannot_run_the_file(digits):
+    """LiteRT's reference kernels have no ELU: the floor comes from the paths that can run the file."""
+    _, (x_test, _) = digits
+    keras.utils.set_random_seed(10)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(8, activation="elu"), keras.layers.Dense(3)]
+    )
+    content = export_tflite(model)
+    with pytest.raises(ValueError):
+        TFLiteModel(content, kernels="reference")
+    report = verify_tflite(model, content, x_test)
+    assert report.passed and report.floor_kernels == ("builtin",)
+    assert "floor: default vs builtin kernels" in str(report)

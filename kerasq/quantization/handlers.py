@@ -25,7 +25,10 @@ _POLICIES = (QUANTIZE, PASS_THROUGH, SAME_SCALE, FIXED)
 # TFLite's int8 kernels fix these output ranges (scale 1/256, zero point -128; scale 1/128, zero point 0).
 UNIT_RANGE = (0.0, 255.0 / 256.0)
 TANH_RANGE = (-1.0, 127.0 / 128.0)
-_FIXED_RANGE_ACTIVATIONS = {"softmax": UNIT_RANGE, "sigmoid": UNIT_RANGE, "tanh": TANH_RANGE}
+LOG_SOFTMAX_RANGE = (-255.0 * 16.0 / 256.0, 0.0)  # scale 16/256, zero point 127
+_FIXED_RANGE_ACTIVATIONS = {
+    "softmax": UNIT_RANGE, "sigmoid": UNIT_RANGE, "tanh": TANH_RANGE, "log_softmax": LOG_SOFTMAX_RANGE,
+}
 # Activations TFLite fuses into the op before them: no quantization in between.
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
 
