@@ -351,3 +351,18 @@ def test_qat_dense_on_sequences_exports_reshape_and_fully_connected():
     tflite = TFLiteModel(export_tflite(qat))
     assert set(tflite.ops) == {"RESHAPE", "FULLY_CONNECTED"}
     np.testing.assert_allclose(tflite.predict(x), qat.predict(x, verbose=0), atol=1.01 * tflite.output_step(0))
+
+
+@pytest.mark.parametrize("activation, ops", [("hard_sigmoid", {"ADD", "MUL"}), ("swish", {"LOGISTIC", "MUL"})])
+def test_qat_composite_activations_export_fully_integer(activation, ops):
+    """Activations TFLite runs as several int8 ops, with the rounding between them simulated."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Activation(activation)(keras.layers.Dense(8)(inputs))
+    qat = kerasq.quantize_model(keras.Model(inputs, keras.layers.Dense(3)(hidden)))
+    x = np.random.default_rng(0).uniform(-4, 4, size=(128, 4)).astype("float32")
+    qat(x, training=True)
+    tflite = TFLiteModel(export_tflite(qat))
+    assert tflite.is_fully_integer and set(tflite.ops) == {"FULLY_CONNECTED"} | ops
+    report = verify_tflite(qat, tflite, x)
+    assert report.passed and report.outputs[0].max_diff <= 1 + 1e-3, str(report)

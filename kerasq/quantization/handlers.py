@@ -97,12 +97,18 @@ def run_activation(activation, x):
     """`activation(x)` as TFLite's int8 kernels compute it.
 
     SiLU (swish) becomes LOGISTIC then MUL in the file, with the logistic's int8 output in its fixed
-    range in between: that rounding is simulated too. Other activations run as they are.
+    range in between; hard sigmoid becomes ADD (ReLU6 fused) then MUL, with [0, 6] in between. That
+    rounding is simulated too. Other activations run as they are.
     """
-    if activation_name(activation) == "silu":
+    name = activation_name(activation)
+    if name == "silu":
         low, high = UNIT_RANGE
         gate = keras.quantizers.fake_quant_with_min_max_vars(ops.sigmoid(x), low, high, num_bits=8)
         return x * gate
+    if name == "hard_sigmoid":
+        # relu6(x + 3) / 6, as Keras computes it: an int8 ADD with ReLU6 fused, then a MUL.
+        shifted = keras.quantizers.fake_quant_with_min_max_vars(ops.relu6(x + 3.0), 0.0, 6.0, num_bits=8)
+        return shifted / 6.0
     return activation(x)
 
 
