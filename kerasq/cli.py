@@ -87,16 +87,17 @@ def _convert(model_path, out_path):
     from kerasq.quantization import is_quantized
 
     model = _load_keras_model(model_path)
+    quantized = is_quantized(model)
     calibration = None
     if FLAGS.calibration:
-        if is_quantized(model):
+        if quantized:
             raise ValueError("--calibration is for float models; a QAT model exports to int8 without it.")
         if not os.path.isfile(FLAGS.calibration):
             raise FileNotFoundError(f"--calibration: no such file: {FLAGS.calibration}")
         calibration = np.load(FLAGS.calibration, allow_pickle=False)
     export_tflite(model, out_path, representative_data=calibration)
     tflite = TFLiteModel(out_path)
-    kind = "QAT int8" if is_quantized(model) else ("post-training int8" if calibration is not None else "float32")
+    kind = "QAT int8" if quantized else ("post-training int8" if calibration is not None else "float32")
     integer = "fully integer" if tflite.is_fully_integer else "not fully integer"
     print(f"{out_path}: {kind}, {tflite.size_bytes:,} bytes, {len(tflite.ops)} ops, {integer}")
     return 0

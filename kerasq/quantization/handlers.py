@@ -102,14 +102,17 @@ def run_activation(activation, x):
     """
     name = activation_name(activation)
     if name == "silu":
-        low, high = UNIT_RANGE
-        gate = keras.quantizers.fake_quant_with_min_max_vars(ops.sigmoid(x), low, high, num_bits=8)
-        return x * gate
+        return x * _int8_in_range(ops.sigmoid(x), UNIT_RANGE)
     if name == "hard_sigmoid":
         # relu6(x + 3) / 6, as Keras computes it: an int8 ADD with ReLU6 fused, then a MUL.
-        shifted = keras.quantizers.fake_quant_with_min_max_vars(ops.relu6(x + 3.0), 0.0, 6.0, num_bits=8)
-        return shifted / 6.0
+        return _int8_in_range(ops.relu6(x + 3.0), (0.0, 6.0)) / 6.0
     return activation(x)
+
+
+def _int8_in_range(x, fixed_range):
+    """`x` rounded to the int8 grid of `fixed_range`, as an intermediate int8 tensor holds it."""
+    low, high = fixed_range
+    return keras.quantizers.fake_quant_with_min_max_vars(x, low, high, num_bits=8)
 
 
 def _activation_output_policy(name):

@@ -121,7 +121,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self.quantize_output = bool(quantize_output)
             per_call = (self.quantize_output,)
         self.supports_masking = getattr(layer, "supports_masking", False)
-        self._policy = self.handler.output_policy(layer)[0]
+        self._policy, self._fixed_range = self.handler.output_policy(layer)
         # Not plain attribute assignment: Keras would track these as this layer's own state.
         object.__setattr__(self, "_output_quantizers", tuple(map(self._make_output_quantizer, per_call)))
         object.__setattr__(self, "_input_ranges", (None,) * len(per_call))
@@ -177,11 +177,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return name in self.handler.fused_activations
 
     def _make_output_quantizer(self, quantize_output):
-        policy, fixed_range = self.handler.output_policy(self.layer)
-        if policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not quantize_output:
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not quantize_output:
             return None
-        if policy == handlers_lib.FIXED:
-            return self.scheme.activations.with_fixed_range(fixed_range)
+        if self._policy == handlers_lib.FIXED:
+            return self.scheme.activations.with_fixed_range(self._fixed_range)
         return self.scheme.activations
 
     # ---- the forward pass -----------------------------------------------------------------------

@@ -236,9 +236,10 @@ def _quantize_float(tensor, scheme, name):
 
 
 class _Step:
-    def __init__(self, action, scheme=None):
+    def __init__(self, action, scheme=None, handler=None):
         self.action = action
         self.scheme = scheme
+        self.handler = handler  # for wrapped layers
         self.batchnorm = None
         self.quantize_output = True
         self.requantize = True
@@ -266,10 +267,11 @@ def _plan(graph, scheme, skip, annotated_only):
         if not wanted:
             steps[node.id] = _Step(_FLOAT)
             continue
-        if handlers_lib.get_handler(layer) is None:
+        handler = handlers_lib.get_handler(layer)
+        if handler is None:
             unsupported.append(node)
         layer_scheme = getattr(node.layer, "scheme", None) or scheme
-        steps[node.id] = _Step(_WRAP, layer_scheme)
+        steps[node.id] = _Step(_WRAP, layer_scheme, handler)
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
 
@@ -277,7 +279,7 @@ def _plan(graph, scheme, skip, annotated_only):
         step = steps.get(node.id)
         if step is None or step.action != _WRAP:
             continue
-        handler = handlers_lib.get_handler(_unannotated(node.layer))
+        handler = step.handler
         output_node = node
         batchnorm_node = _foldable_batchnorm(graph, node, handler, steps)
         if batchnorm_node is not None:
@@ -293,7 +295,7 @@ def _plan(graph, scheme, skip, annotated_only):
         step = steps.get(node.id)
         if step is None or step.action != _WRAP:
             continue
-        if handlers_lib.get_handler(_unannotated(node.layer)).producers_take_output_scale:
+        if step.handler.producers_take_output_scale:
             for ref in node.input_refs:
                 producer = _producer_taking_scale(graph, graph.nodes[ref.node], steps)
                 if producer is not None:
@@ -366,9 +368,7 @@ def _producer_taking_scale(graph, node, steps):
             return None
         if graph.is_model_output(node) or len(graph.consumers(node)) != 1:
             return None
-        policy = handlers_lib.get_handler(_unannotated(node.layer)).output_policy(
-            _unannotated(node.layer)
-        )[0]
+        policy = step.handler.output_policy(_unannotated(node.layer))[0]
         if policy == handlers_lib.QUANTIZE:
             return node
         if policy != handlers_lib.PASS_THROUGH or len(node.input_refs) != 1:
