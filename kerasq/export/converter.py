@@ -167,11 +167,9 @@ def _warn_if_float_ops(content):
 
 def _is_quantized(model, fn):
     """True for models with fake-quant ops: kerasq QAT models, or any model emitting FakeQuant* ops."""
-    try:
-        from kerasq.quantization import is_quantized
-    except ImportError:
-        is_quantized = None
-    if is_quantized is not None and is_quantized(model):
+    from kerasq.quantization import is_quantized
+
+    if is_quantized(model):
         return True
     graph_def = fn.get_concrete_function().graph.as_graph_def()
     nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]

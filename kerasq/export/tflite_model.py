@@ -326,7 +326,7 @@ class TFLiteModel:
         arrays = self._prepare(x)
         outputs = self._run(arrays, batch_size)
         if not raw:
-            outputs = [_dequantize(o, q) for o, q in zip(outputs, self.output_quantization)]
+            outputs = [dequantize(o, q) for o, q in zip(outputs, self.output_quantization)]
         return outputs if len(outputs) > 1 else outputs[0]
 
     def predict_raw(self, x, batch_size=256):
@@ -435,7 +435,8 @@ def quantize(x, scale, zero_point, dtype):
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
-def _dequantize(q, quant):
+def dequantize(q, quant):
+    """`(q - zero_point) * scale` in float32 for `quant = (scale, zero_point)`; `q` itself for None."""
     if quant is None:
         return q
     scale, zero_point = quant

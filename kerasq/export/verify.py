@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from kerasq.export.tflite_model import TFLiteModel
+from kerasq.export.tflite_model import TFLiteModel, dequantize
 from kerasq.validation import check_input_data, input_specs, pack_inputs
 
 MIN_AGREEMENT = 0.995  # argmax agreement an output needs (or the floor's, if the floor is lower)
@@ -223,10 +223,7 @@ def _keras_predict(model, arrays, batch_size):
 
 
 def _dequantize(q, quant):
-    if quant is None:
-        return np.asarray(q, np.float32)
-    scale, zero_point = quant
-    return (q.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+    return np.asarray(dequantize(q, quant), np.float32)
 
 
 def _as_list(x):
