@@ -10,6 +10,7 @@ original model is never called, changed or rebuilt.
 Example:
 >>> import keras
 >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.ReLU()])
+>>> from kerasq.graph import LayerGraph
 >>> graph = LayerGraph(model)
 >>> [type(node.layer).__name__ for node in graph.nodes]
 ['InputLayer', 'Dense', 'ReLU']
