@@ -1,11 +1,12 @@
-"""The one place that walks a Keras model's layer graph and rebuilds it with layers substituted.
+"""Reads a Keras model's layer graph: one node per layer call, in topological order.
 
-Quantization (and every later transform: pruning, clustering, channel removal, weight transfer) is
-"walk the graph, substitute layers". `LayerGraph` reads a Sequential or Functional model through its
-public config, the format `.keras` files are loaded from, with nested Sequential/Functional models
-inlined, so patterns such as Conv -> BatchNorm -> ReLU are visible across model boundaries. `rebuild`
-calls a function per layer call, in topological order, and returns a new Functional model; the
-original model is never called, changed or rebuilt.
+`LayerGraph` reads a Sequential or Functional model through its public config, the format `.keras`
+files are loaded from. Nested Sequential/Functional models are inlined by default, so patterns such as
+Conv -> BatchNorm -> ReLU are visible across model boundaries; `inline=False` (or a predicate) keeps
+them whole, as one node each. Each node knows its output shapes and dtypes (`output_specs`). `rebuild`
+calls a function per layer call and returns a new Functional model; the original model is never
+called, changed or rebuilt. `kerasq.graph.Rewrite` builds on it to substitute layers and carry their
+weights over.
 
 Example:
 >>> import keras
@@ -63,14 +64,25 @@ class Node:
 
 
 class LayerGraph:
-    """The layer calls of a Sequential or Functional model, nested models inlined."""
+    """The layer calls of a Sequential or Functional model.
 
-    def __init__(self, model):
+    Args:
+        model: a built Sequential or Functional model.
+        inline: True to inline every nested Sequential/Functional model (the default), False to keep
+            each one whole as a single node, or a predicate `fn(nested_model) -> bool` that says which
+            ones to inline.
+    """
+
+    def __init__(self, model, inline=True):
         _check_walkable(model, "model")
         self.model = model
         self.nodes = []
+        self._inline = inline if callable(inline) else (lambda nested: bool(inline))
         self._layer_calls = {}
         self._call_index = {}
+        self._nodes_by_layer = {}
+        self._operations = {}
+        self._specs = None
         inputs, self.outputs = self._read(model, bound_inputs=None, scope=())
         self.inputs = inputs
         self._consumers = {node.id: [] for node in self.nodes}
@@ -92,9 +104,47 @@ class LayerGraph:
         """How many times `layer` is called in the (inlined) graph: more than once means shared."""
         return self._layer_calls.get(id(layer), 0)
 
+    def nodes_of(self, layer):
+        """The nodes that call `layer`, in call order."""
+        return [node for node in self._nodes_by_layer.get(id(layer), [])]
+
     def call_index(self, node):
         """Which call of its layer `node` is: 0 for the first, 1 for the second, and so on."""
         return self._call_index[node.id]
+
+    def producer(self, ref):
+        """The node that produces tensor `ref`."""
+        return self.nodes[ref.node]
+
+    def output_specs(self, node):
+        """The shapes and dtypes of `node`'s outputs, as a list of `keras.KerasTensor`s.
+
+        Computed once for the whole graph, symbolically (no layer is called or changed)."""
+        if self._specs is None:
+            self._specs = self._compute_specs()
+        return self._specs[node.id]
+
+    def spec(self, ref):
+        """The shape and dtype of tensor `ref`, as a `keras.KerasTensor`."""
+        return self.output_specs(self.nodes[ref.node])[ref.index]
+
+    def _compute_specs(self):
+        specs = {}
+        for node in self.nodes:
+            if node.is_input:
+                batch_shape, dtype, _ = node.input_spec
+                specs[node.id] = [keras.KerasTensor(batch_shape, dtype=dtype)]
+                continue
+            args, kwargs = _resolve((node.args, node.kwargs), specs)
+            try:
+                outputs = node.layer.compute_output_spec(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 (the layer's own error, re-raised with its name)
+                raise ValueError(
+                    f"Cannot work out the output shape of '{node.path}' ({type(node.layer).__name__}): "
+                    f"{error}"
+                ) from error
+            specs[node.id] = keras.tree.flatten(outputs)
+        return specs
 
     # ---- rebuilding -----------------------------------------------------------------------------
     def rebuild(self, call_layer, on_input=None, name=None):
@@ -122,6 +172,7 @@ class LayerGraph:
         node = Node(len(self.nodes), layer, args, kwargs or {}, input_spec, scope)
         self.nodes.append(node)
         if input_spec is None:
+            self._nodes_by_layer.setdefault(id(layer), []).append(node)
             self._call_index[node.id] = self._layer_calls.get(id(layer), 0)
             self._layer_calls[id(layer)] = self._call_index[node.id] + 1
         else:
@@ -152,7 +203,7 @@ class LayerGraph:
             inputs = None
         inner_scope = scope + (model.name,) if bound_inputs is not None else scope
         for layer in model.layers:
-            if isinstance(layer, keras.Model):
+            if isinstance(layer, keras.Model) and self._inline(layer):
                 _check_walkable(layer, f"layer '{layer.name}' of '{model.name}'")
                 _, outputs = self._read(layer, [ref], inner_scope)
                 (ref,) = _leaves(outputs)
@@ -161,7 +212,7 @@ class LayerGraph:
         return inputs, ref
 
     def _read_functional(self, model, bound_inputs, scope):
-        config = model.get_config()
+        config = _graph_config(model)
         produced = {}  # layer name -> [outputs of its 1st call, of its 2nd call, ...]
         input_leaves = _leaves(config["input_layers"], is_leaf=_is_history)
         input_names = {layer_name for layer_name, _, _ in input_leaves}
@@ -202,7 +253,7 @@ class LayerGraph:
             layer_name, call_index, tensor_index = history
             # Unlike call arguments, input/output entries keep Keras's own node numbering, in which a
             # nested Functional model's node 0 is its own input-to-output node.
-            if layer_name not in input_names and _keras_private.is_functional(_operation(model, layer_name)):
+            if layer_name not in input_names and _keras_private.is_functional(self._operation(model, layer_name)):
                 call_index -= 1
             return produced[layer_name][call_index][tensor_index]
 
@@ -210,10 +261,19 @@ class LayerGraph:
         outputs = _map_leaves(lookup, config["output_layers"], _is_history)
         return inputs, outputs
 
+    def _operation(self, model, name):
+        """The layer, or bare operation such as `keras.ops.add` or `x[:, 0]`, that `model` calls `name`."""
+        if id(model) not in self._operations:
+            self._operations[id(model)] = {operation.name: operation for operation in model.operations}
+        try:
+            return self._operations[id(model)][name]
+        except KeyError:
+            raise ValueError(f"Model '{model.name}' has no layer or operation named '{name}'.") from None
+
     def _read_call(self, model, layer_name, call_data, produced, scope):
-        layer = _operation(model, layer_name)
+        layer = self._operation(model, layer_name)
         args, kwargs = _deserialize_call(call_data, produced)
-        if isinstance(layer, keras.Model):
+        if isinstance(layer, keras.Model) and self._inline(layer):
             _check_walkable(layer, f"layer '{layer.name}' of '{model.name}'")
             bound = [leaf for leaf in _leaves(args[0]) if isinstance(leaf, TensorRef)]
             _, outputs = self._read(layer, bound, scope)
@@ -233,12 +293,21 @@ class _NodeOutputs:
         return TensorRef(self.node_id, index)
 
 
-def _operation(model, name):
-    """The layer, or bare operation such as `keras.ops.add` or `x[:, 0]`, that `model` calls `name`."""
-    for operation in model.operations:
-        if operation.name == name:
-            return operation
-    raise ValueError(f"Model '{model.name}' has no layer or operation named '{name}'.")
+def _graph_config(model):
+    """`model.get_config()`, with a clear error when a custom layer in it cannot be serialized."""
+    try:
+        return model.get_config()
+    except (NotImplementedError, TypeError) as error:
+        for layer in model.layers:
+            try:
+                layer.get_config()
+            except (NotImplementedError, TypeError):
+                raise TypeError(
+                    f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model.name}' cannot be "
+                    "serialized, so kerasq cannot read or copy it: give its class a `get_config()` that "
+                    "returns its constructor arguments (see keras.layers.Layer.get_config)."
+                ) from error
+        raise
 
 
 def _check_walkable(model, what):
