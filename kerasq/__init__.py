@@ -1,7 +1,15 @@
 """kerasq: quantization-aware training and verified int8 TFLite export for Keras 3."""
 
 from kerasq import data, export, quantization
-from kerasq.export import ExportError, ParityReport, TFLiteModel, export_tflite, verify_tflite
+from kerasq.export import (
+    ExportError,
+    ExportHook,
+    ParityReport,
+    TFLiteModel,
+    export_tflite,
+    register_export_hook,
+    verify_tflite,
+)
 from kerasq.quantization import (
     ActivationQuantizer,
     QuantizationScheme,

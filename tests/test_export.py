@@ -302,7 +302,7 @@ def test_ptq_warns_when_ops_stay_float():
 
 
 def test_int8_conversion_error_suggests_leaving_the_layer_in_float():
-    from kerasq.export import converter
+    from kerasq.export.errors import conversion_error
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Dense(3, name="my_layer")(inputs)))
@@ -310,7 +310,7 @@ def test_int8_conversion_error_suggests_leaving_the_layer_in_float():
         'loc(fused["Foo:", "functional_1/my_layer_1/Foo@__inference_serve_12"]): '
         "error: Quantization not yet supported for op: 'tfl.foo'"
     )
-    error = converter._export_error(model, "ptq", RuntimeError(message), log="")
+    error = conversion_error(model, "ptq", RuntimeError(message), log="")
     assert isinstance(error, ExportError)
     text = str(error)
     assert "op foo (in layer 'my_layer') has no int8 support" in text

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from kerasq.data import load_digits
 from kerasq.export import TFLiteModel, export_tflite
+from kerasq.export import flatbuffer
 from kerasq.export import tflite_model as tflite_module
 
 
@@ -36,13 +37,13 @@ def float_bytes(cnn):
 
 def test_litert_internals_are_available(int8_bytes):
     """Fails loudly if a LiteRT release moves the undocumented pieces TFLiteModel relies on."""
-    schema = tflite_module.litert_schema()
+    schema = flatbuffer.litert_schema()
     for name in ("Model", "SubGraph", "Tensor", "Operator", "OperatorCode", "BuiltinOperator", "TensorType", "SignatureDef"):
         assert hasattr(schema, name), f"ai_edge_litert.schema_py_generated.{name} is gone"
-    graph = tflite_module.read_graph(int8_bytes)
+    graph = flatbuffer.read_graph(int8_bytes)
     assert [op.name for op in graph.ops][0] == "CONV_2D"
     assert graph.signature["inputs"] and graph.signature["outputs"]
-    same = tflite_module.reorder_io(int8_bytes, graph.inputs, graph.outputs)
+    same = flatbuffer.reorder_io(int8_bytes, graph.inputs, graph.outputs)
     assert same == int8_bytes
 
 

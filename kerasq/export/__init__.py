@@ -1,14 +1,32 @@
 """Export to .tflite and check the file against the Keras model.
 
 Example:
+>>> import keras, numpy as np
 >>> from kerasq.export import export_tflite, TFLiteModel, verify_tflite
->>> content = export_tflite(model, "model.tflite", representative_data=x_train)
->>> TFLiteModel(content).summary()
->>> print(verify_tflite(model, content, x_test))
+>>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+>>> x = np.random.rand(200, 8, 8, 1).astype("float32")
+>>> content = export_tflite(model, representative_data=x)  # post-training int8; bytes, no file
+>>> TFLiteModel(content).summary(show_tensors=False)  # doctest: +ELLIPSIS
+TFLiteModel "<bytes>" ...
+Fully integer: yes (every tensor between inputs and outputs is integer; I/O int8)
+>>> report = verify_tflite(model, content, x)
+>>> report.float_reference, report.outputs[0].agreement > 0.9
+(True, True)
 """
 
-from kerasq.export.converter import ExportError, export_tflite
+from kerasq.export.converter import export_tflite
+from kerasq.export.errors import ExportError
+from kerasq.export.hooks import ExportHook, register_export_hook
 from kerasq.export.tflite_model import TFLiteModel
 from kerasq.export.verify import OutputParity, ParityReport, verify_tflite
 
-__all__ = ["ExportError", "OutputParity", "ParityReport", "TFLiteModel", "export_tflite", "verify_tflite"]
+__all__ = [
+    "ExportError",
+    "ExportHook",
+    "OutputParity",
+    "ParityReport",
+    "TFLiteModel",
+    "export_tflite",
+    "register_export_hook",
+    "verify_tflite",
+]

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 
+from kerasq.export import hooks
 from kerasq.export.tflite_model import TFLiteModel, dequantize
 from kerasq.validation import check_input_data, input_specs, pack_inputs
 
@@ -53,7 +54,7 @@ class ParityReport:
     outputs: list
     num_samples: int
     size_bytes: int
-    float_reference: bool = False  # a quantized file against a model without kerasq quantization layers
+    float_reference: bool = False  # a quantized file against a float model (one that does not simulate int8)
     floor_kernels: tuple = FLOOR_KERNELS  # the kernel paths that could run the file, for the floor
 
     @property
@@ -197,13 +198,11 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
                 passed=bool(passed),
             )
         )
-    from kerasq.quantization import is_quantized
-
     report = ParityReport(
         outputs=outputs,
         num_samples=int(arrays[0].shape[0]),
         size_bytes=default.size_bytes,
-        float_reference=not is_quantized(model) and any(o.unit == "steps" for o in outputs),
+        float_reference=not hooks.is_quantized(model) and any(o.unit == "steps" for o in outputs),
         floor_kernels=tuple(alternatives),
     )
     if report.fragile:

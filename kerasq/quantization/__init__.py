@@ -22,3 +22,4 @@ from kerasq.quantization.quantize import (
 )
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
+from kerasq.quantization import export_hook  # noqa: F401  (registers quantized models with export)

@@ -1,0 +1,44 @@
+"""What export needs to know about quantized models, registered with export when kerasq is imported.
+
+A model with kerasq's quantization layers converts to full int8 without calibration data, is traced
+the way the converter expects (`tracing_for_export`), and its file's outputs keep the names of the
+float model's layers, so its QAT and post-training files name their outputs alike.
+
+Example:
+>>> import keras, kerasq
+>>> float_model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="head")])
+>>> qat_model = kerasq.quantize_model(float_model)
+>>> kerasq.TFLiteModel(kerasq.export_tflite(qat_model)).output_names
+['head']
+"""
+
+import keras
+
+from kerasq import _keras_private
+from kerasq.export.hooks import ExportHook, register_export_hook
+from kerasq.quantization.layers import Quantize, QuantizeWrapper, tracing_for_export
+from kerasq.quantization.quantize import is_quantized
+
+
+class QuantizationExportHook(ExportHook):
+    """kerasq's quantized models, as export sees them."""
+
+    def is_quantized(self, model):
+        return is_quantized(model)
+
+    def tracing(self):
+        return tracing_for_export()
+
+    def output_name(self, tensor):
+        """The float model's layer name for a quantized model's output."""
+        layer = _keras_private.producer(tensor)
+        if isinstance(layer, QuantizeWrapper):
+            return layer.layer.name
+        if isinstance(layer, Quantize):  # the float layer before it was left unquantized
+            source = _keras_private.producer(layer.input)
+            if source is not None and not isinstance(source, keras.layers.InputLayer):
+                return source.name
+        return None
+
+
+registration = register_export_hook(QuantizationExportHook())
