@@ -16,6 +16,10 @@ Register a handler for your own layer with `register_handler(MyLayer, handler)`.
 import keras
 from keras import layers, ops
 
+from kerasq.graph import facts as facts_lib
+from kerasq.graph import rules
+from kerasq.graph.registry import ClassRegistry
+
 QUANTIZE = "quantize"
 PASS_THROUGH = "pass_through"
 SAME_SCALE = "same_scale"
@@ -168,8 +172,9 @@ def _layer_activation_name(layer):
 class KernelHandler(LayerHandler):
     """Base for layers with weights that are fake-quantized (Dense, Conv, DepthwiseConv...).
 
-    Subclasses say which weights are kernels and along which axis their output channels lie, and run
-    the layer's linear math (no activation) with quantized kernels and a given bias.
+    Which weights are kernels and where their output channels lie comes from the layer's facts
+    (`kerasq.graph.register_layer_facts`); a handler adds the quantization policy (one scale per
+    tensor or per channel) and runs the layer's linear math (no activation) with quantized kernels.
     """
 
     has_kernels = True
@@ -185,21 +190,25 @@ class KernelHandler(LayerHandler):
     def output_policy(self, layer):
         # A fused activation ends in a learned range; any other runs as its own TFLite op after a
         # quantized pre-activation, with that op's output range.
-        name = activation_name(layer.activation)
+        name = activation_name(getattr(layer, "activation", None))
         if name in self.fused_activations:
             return QUANTIZE, None
         return _activation_output_policy(name)
 
     def kernel_axes(self, layer):
-        """{weight attribute: output-channel axis, or None for one scale per tensor}."""
-        raise NotImplementedError
+        """{weight attribute: output-channel axis, "depthwise" for a depthwise kernel's two axes, or
+        None for one scale per tensor}. By default one scale per output channel, as the facts say."""
+        return {
+            name: "depthwise" if isinstance(kernel.out_axis, tuple) else kernel.out_axis
+            for name, kernel in facts_lib.layer_facts(layer).kernels.items()
+        }
 
     def shared_kernel_axes(self, layer):
         """`kernel_axes` for a layer the model calls more than once (by default, the same)."""
         return self.kernel_axes(layer)
 
     def output_channels(self, layer):
-        raise NotImplementedError
+        return rules.output_channels(layer)
 
     def kernel_view(self, layer, name, kernel):
         """The form of a kernel that is quantized and passed to `linear` (by default, itself)."""
@@ -217,14 +226,41 @@ class KernelHandler(LayerHandler):
 
     def folded_kernel(self, layer):
         """The kernel whose output channels a following BatchNorm scales."""
-        (name,) = self.kernel_axes(layer)
-        return name
+        return facts_lib.layer_facts(layer).output_kernel
 
     def scale_shape(self, layer, kernel):
-        return (1,) * (len(kernel.shape) - 1) + (kernel.shape[-1],)
+        """The shape a per-output-channel vector takes to multiply `kernel`."""
+        layer_facts = facts_lib.layer_facts(layer)
+        out_axis = layer_facts.kernels[self.folded_kernel(layer)].out_axis
+        rank = len(kernel.shape)
+        axes = {axis % rank for axis in (out_axis if isinstance(out_axis, tuple) else (out_axis,))}
+        return tuple(kernel.shape[i] if i in axes else 1 for i in range(rank))
 
     def can_fold(self, layer):
-        return activation_name(layer.activation) == "linear" and _channels_last(layer)
+        return activation_name(getattr(layer, "activation", None)) == "linear" and _channels_last(layer)
+
+
+class FactsKernelHandler(KernelHandler):
+    """Quantizes a layer kerasq knows only from its facts: its own `call` runs with the quantized
+    kernels in place of its variables, and its output gets a learned range.
+
+    Used for custom layers described once with `kerasq.graph.register_layer_facts`; their math stays
+    theirs, so no activation is fused and no BatchNorm folded.
+    """
+
+    def __init__(self):
+        super().__init__(fuses_activation=False)
+
+    def kernel_axes(self, layer):
+        return {name: None for name in facts_lib.layer_facts(layer).kernels}
+
+    def linear(self, layer, inputs, kernels, bias):
+        mapping = [(getattr(layer, name), value) for name, value in kernels.items()]
+        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+            return layer.call(inputs)
+
+    def can_fold(self, layer):
+        return False
 
 
 class DenseHandler(KernelHandler):
@@ -237,9 +273,6 @@ class DenseHandler(KernelHandler):
         # When one kernel feeds several FULLY_CONNECTED ops, the converter requantizes it with one
         # scale per output channel whatever its fake-quantization said: train it that way.
         return {"kernel": -1}
-
-    def output_channels(self, layer):
-        return layer.units
 
     def linear(self, layer, inputs, kernels, bias):
         kernel = kernels["kernel"]
@@ -256,12 +289,6 @@ class DenseHandler(KernelHandler):
 
 class ConvHandler(KernelHandler):
     """Conv1D/2D/3D: one weight scale per output channel."""
-
-    def kernel_axes(self, layer):
-        return {"kernel": -1}
-
-    def output_channels(self, layer):
-        return layer.filters
 
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)
@@ -285,9 +312,6 @@ class ConvTransposeHandler(KernelHandler):
     def kernel_axes(self, layer):
         return {"kernel": None}
 
-    def output_channels(self, layer):
-        return layer.filters
-
     def linear(self, layer, inputs, kernels, bias):
         outputs = ops.conv_transpose(
             inputs,
@@ -299,9 +323,6 @@ class ConvTransposeHandler(KernelHandler):
             data_format=layer.data_format,
         )
         return _add_bias(layer, outputs, bias)
-
-    def scale_shape(self, layer, kernel):
-        return (1,) * (len(kernel.shape) - 2) + (kernel.shape[-2], 1)
 
 
 class EmbeddingHandler(KernelHandler):
@@ -317,9 +338,6 @@ class EmbeddingHandler(KernelHandler):
     def kernel_axes(self, layer):
         return {"embeddings": None}
 
-    def output_channels(self, layer):
-        return layer.output_dim
-
     def linear(self, layer, inputs, kernels, bias):
         return ops.take(kernels["embeddings"], ops.cast(inputs, "int32"), axis=0)
 
@@ -330,35 +348,16 @@ class EmbeddingHandler(KernelHandler):
 class DepthwiseConvHandler(KernelHandler):
     """DepthwiseConv1D/2D: one weight scale per output channel (in_channels x depth_multiplier)."""
 
-    def kernel_axes(self, layer):
-        return {"kernel": "depthwise"}
-
-    def output_channels(self, layer):
-        return layer.kernel.shape[-2] * layer.depth_multiplier
-
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)
 
     def linear(self, layer, inputs, kernels, bias):
         return _add_bias(layer, _depthwise(layer, inputs, kernels["kernel"]), bias)
 
-    def scale_shape(self, layer, kernel):
-        # Output channel c * multiplier + m scales kernel[..., c, m].
-        return (1,) * (len(kernel.shape) - 2) + tuple(kernel.shape[-2:])
-
 
 class SeparableConvHandler(KernelHandler):
     """SeparableConv1D/2D: TFLite runs them as a depthwise then a 1x1 conv, with an int8 tensor
     between them, so the intermediate output is quantized too (see `QuantizeWrapper`)."""
-
-    def kernel_axes(self, layer):
-        return {"depthwise_kernel": "depthwise", "pointwise_kernel": -1}
-
-    def output_channels(self, layer):
-        return layer.filters
-
-    def folded_kernel(self, layer):
-        return "pointwise_kernel"
 
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)
@@ -424,38 +423,50 @@ def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 
-_REGISTRY = {}
+def _call_is_inherited(cls, base):
+    # The handler re-implements the registered class's `call` with quantized weights.
+    return cls.call is base.call
+
+
+_REGISTRY = ClassRegistry("quantization handlers", inherits=_call_is_inherited)
+_FACTS_KERNEL_HANDLER = FactsKernelHandler()
 
 
 def register_handler(layer_class, handler):
     """Tells kerasq how to quantize `layer_class` (and subclasses that keep its `call`).
+
+    Returns a `Registration`: `undo()` it, or use it as a context manager to register for a block.
 
     Example:
     >>> import keras, kerasq
     >>> class Scale(keras.layers.Layer):
     ...     def call(self, x):
     ...         return 2.0 * x
-    >>> kerasq.register_handler(Scale, kerasq.quantization.LayerHandler())
+    >>> with kerasq.register_handler(Scale, kerasq.quantization.LayerHandler()):
+    ...     kerasq.quantization.get_handler(Scale()).output
+    'quantize'
     """
     if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
         raise TypeError(f"layer_class must be a keras Layer class; got {layer_class!r}.")
     if not isinstance(handler, LayerHandler):
         raise TypeError(f"handler must be a kerasq LayerHandler; got {handler!r}.")
-    _REGISTRY[layer_class] = handler
+    return _REGISTRY.register(layer_class, handler)
 
 
 def get_handler(layer):
     """The handler for `layer`, or None when kerasq does not know how to quantize it.
 
     A subclass of a registered class shares its handler only if it does not override `call`, since
-    the handler re-implements that `call` with quantized weights.
+    the handler re-implements that `call` with quantized weights. A layer with no handler whose
+    facts name its kernels (`kerasq.graph.register_layer_facts`) runs its own `call` with quantized
+    kernels, provided it has no activation of its own to keep apart.
     """
-    for klass in type(layer).__mro__:
-        handler = _REGISTRY.get(klass)
-        if handler is not None:
-            if klass is type(layer) or type(layer).call is klass.call:
-                return handler
-            return None
+    handler = _REGISTRY.lookup(layer)
+    if handler is not None:
+        return handler
+    layer_facts = facts_lib.layer_facts(layer)
+    if layer_facts is not None and layer_facts.kernels and activation_name(getattr(layer, "activation", None)) == "linear":
+        return _FACTS_KERNEL_HANDLER
     return None
 
 

@@ -2,7 +2,7 @@
 
 import keras
 
-from kerasq.graph import LayerGraph
+from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.layers import Quantize, QuantizeWrapper
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
@@ -54,21 +54,15 @@ def quantize_annotate_layer(to_annotate, scheme=None):
 
 def quantize_annotate_model(to_annotate):
     """Marks every layer of a model for `quantize_apply` (tfmot's name). Returns a new model."""
-    graph = LayerGraph(to_annotate)
-    clones, pending = {}, []
 
-    def call_layer(node, args, kwargs):
-        if id(node.layer) not in clones:
-            layer = _clone(node.layer, pending)
-            bare_operation = not isinstance(layer, keras.layers.Layer)
-            clones[id(node.layer)] = (
-                layer if bare_operation or isinstance(layer, QuantizeAnnotate) else QuantizeAnnotate(layer)
-            )
-        return clones[id(node.layer)](*args, **kwargs)
 
-    annotated = graph.rebuild(call_layer)
-    _copy_weights(pending)
-    return annotated
+    def annotate(layer, rewrite):
+        clone = rewrite.clone(layer)
+        if not isinstance(layer, keras.layers.Layer) or isinstance(layer, QuantizeAnnotate):
+            return clone  # bare operations are quantized by quantize_apply's neighbours
+        return QuantizeAnnotate(clone, name=rewrite.names.take(f"quantize_annotate_{layer.name}"))
+
+    return Rewrite(to_annotate, annotate).run()
 
 
 def quantize_apply(model, scheme="int8"):
@@ -147,24 +141,16 @@ def _quantize(model, scheme, skip, annotated_only):
         )
     graph = LayerGraph(model)
     plan = _plan(graph, scheme, skip, annotated_only)
-    substitutes, pending, names = {}, [], _UniqueNames()
-
-    calls = {}  # id(layer) -> the plan's steps for each call of it, in order
-    for node in graph.nodes:
-        if not node.is_input:
-            calls.setdefault(id(node.layer), []).append(plan[node.id])
-
-    def substitute(node):
-        key = id(node.layer)
-        if key not in substitutes:
-            substitutes[key] = _substitute(calls[key], _unannotated(node.layer), pending, names)
-        return substitutes[key]
+    rewrite = Rewrite(
+        graph, lambda layer, rewrite: _substitute([plan[n.id] for n in graph.nodes_of(layer)], layer, rewrite)
+    )
+    substitute, names = rewrite.substitute, rewrite.names
 
     def call_layer(node, args, kwargs):
         step = plan[node.id]
         if step.action == _FOLDED:
             return args[0]
-        if step.action == _WRAP and len(calls[id(node.layer)]) > 1:
+        if step.action == _WRAP and graph.calls_of(node.layer) > 1:
             kwargs = {**kwargs, "call_index": graph.call_index(node)}
         if step.depthwise_rank == 2:
             # A BatchNorm on (batch, channels) runs as a depthwise conv over a length-1 sequence.
@@ -185,29 +171,27 @@ def _quantize(model, scheme, skip, annotated_only):
             return tensor
         return _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
 
-    for node in graph.nodes:
-        if node.is_input:
-            names.take(node.input_spec[2])
-    quantized = graph.rebuild(call_layer, on_input=on_input)
-    _copy_weights(pending)
-    return quantized
+    return rewrite.run(call_layer, on_input=on_input)
 
 
-def _substitute(steps, layer, pending, names):
+def _substitute(steps, layer, rewrite):
     """The layer that replaces `layer`: a renamed float copy, or a QuantizeWrapper of a copy.
 
     `steps` holds the plan for each call of `layer`; a shared layer's calls share one plan, but
     each call decides for itself whether its output is quantized or left to a fused activation.
+    Other features' wrappers are stripped: their effect is baked into the copy.
     """
     step = steps[0]
     if step.action == _FLOAT:
-        return _clone(layer, pending, name=names.take(layer.name))
-    name = names.take(f"quant_{layer.name}")
-    batchnorm = _clone(step.batchnorm, pending) if step.batchnorm is not None else None
+        return wrappers.strip(layer, rewrite)
+    name = rewrite.names.take(f"quant_{wrappers.unwrap(layer).name}")
+    inner = {"unique_name": False}  # names inside a wrapper need not be unique in the model
+    batchnorm = wrappers.strip(step.batchnorm, rewrite, **inner) if step.batchnorm is not None else None
     if step.depthwise_rank is not None:
-        layer, batchnorm = _identity_depthwise(layer, step.depthwise_rank), _clone(layer, pending)
+        unwrapped = wrappers.unwrap(layer)
+        layer, batchnorm = _identity_depthwise(unwrapped, step.depthwise_rank), wrappers.strip(layer, rewrite, **inner)
     else:
-        layer = _clone(layer, pending)
+        layer = wrappers.strip(layer, rewrite, **inner)
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
         layer,
@@ -284,7 +268,7 @@ def _plan(graph, scheme, skip, annotated_only):
         batchnorm_node = _foldable_batchnorm(graph, node, handler, steps)
         if batchnorm_node is not None:
             steps[batchnorm_node.id] = _Step(_FOLDED)
-            step.batchnorm = _unannotated(batchnorm_node.layer)
+            step.batchnorm = batchnorm_node.layer
             output_node = batchnorm_node
         step.depthwise_rank = _standalone_batchnorm_rank(graph, node, step)
         fuses = handler.fuses_activation or step.depthwise_rank is not None
@@ -314,23 +298,12 @@ def _plan(graph, scheme, skip, annotated_only):
 
 
 def _foldable_batchnorm(graph, node, handler, steps):
-    layer = _unannotated(node.layer)
-    if not (handler.has_kernels and handler.can_fold(layer) and graph.calls_of(node.layer) == 1):
+    if not (handler.has_kernels and handler.can_fold(_unannotated(node.layer))):
         return None
-    if not steps[node.id].scheme.fold_batchnorm or graph.is_model_output(node):
+    if not steps[node.id].scheme.fold_batchnorm:
         return None
-    consumers = graph.consumers(node)
-    if len(consumers) != 1:
-        return None
-    (candidate,) = consumers
-    batchnorm = _unannotated(candidate.layer)
-    if not isinstance(batchnorm, keras.layers.BatchNormalization):
-        return None
-    if steps[candidate.id].action != _WRAP or graph.calls_of(candidate.layer) != 1:
-        return None
-    if _channels_last_rank(batchnorm) is None:
-        return None
-    if batchnorm.moving_mean.shape[0] != handler.output_channels(layer):
+    candidate = rules.foldable_batchnorm(graph, node)
+    if candidate is None or steps[candidate.id].action != _WRAP:
         return None
     return candidate
 
@@ -419,38 +392,31 @@ def _skip_predicate(skip):
 
 
 def _unannotated(layer):
-    return layer.layer if isinstance(layer, QuantizeAnnotate) else layer
+    """The layer inside a `QuantizeAnnotate` and any other feature's wrapper."""
+    return wrappers.unwrap(layer)
 
 
-def _clone(layer, pending, name=None):
-    """A fresh copy of `layer` (same config) that never shares variables with the user's layer.
-
-    Its weights are copied by `_copy_weights(pending)` once the new model has built it."""
-    config = layer.get_config()
-    if name is not None:
-        config["name"] = name
-    clone = type(layer).from_config(config)
-    pending.append((clone, layer))
+def _strip_quantize_wrapper(wrapper, rewrite, **clone_options):
+    """A float copy of the wrapped layer with its folded BatchNorm (if any) folded into its weights,
+    with the moving statistics, as the exported file holds them."""
+    layer = wrapper.layer
+    if wrapper.batchnorm is None:
+        return wrappers.strip(layer, rewrite, **clone_options)
+    handler, bn = wrapper.handler, wrapper.batchnorm
+    clone = rewrite.clone(layer, copy_weights=False, use_bias=True, **clone_options)
+    gamma = bn.gamma if bn.scale else keras.ops.ones_like(bn.moving_variance)
+    beta = bn.beta if bn.center else keras.ops.zeros_like(bn.moving_mean)
+    scale = gamma * keras.ops.rsqrt(bn.moving_variance + bn.epsilon)
+    bias = layer.bias if getattr(layer, "use_bias", False) else keras.ops.zeros_like(bn.moving_mean)
+    kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
+    for name, value in handler.fold_scale(layer, kernels, scale).items():
+        rewrite.weights.assign(clone, name, lambda value=value: value)
+    rewrite.weights.assign(clone, "bias", lambda: beta + (bias - bn.moving_mean) * scale)
     return clone
 
 
-def _copy_weights(pending):
-    for clone, original in pending:
-        if isinstance(original, keras.layers.Layer):  # bare operations have no weights
-            clone.set_weights(original.get_weights())
-
-
-class _UniqueNames:
-    def __init__(self):
-        self.seen = set()
-
-    def take(self, name):
-        candidate, suffix = name, 1
-        while candidate in self.seen:
-            suffix += 1
-            candidate = f"{name}_{suffix}"
-        self.seen.add(candidate)
-        return candidate
+wrappers.register_wrapper(QuantizeAnnotate)
+wrappers.register_wrapper(QuantizeWrapper, _strip_quantize_wrapper)
 
 
 def _all_layers(model):
