@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def test_demo_int8_files_are_fully_integer(tiny_demo):
     assert figures["qat"]["size_bytes"] < figures["float"]["size_bytes"] / 2
 
 
-def test_demo_prints_progress_one_table_and_a_verdict(tiny_demo):
+def test_demo_prints_progress_one_table_and_the_comparison(tiny_demo):
     _, figures, lines = tiny_demo
     text = "\n".join(lines)
     for step in range(1, 6):
@@ -59,9 +60,10 @@ def test_demo_prints_progress_one_table_and_a_verdict(tiny_demo):
     assert table in text and text.count(table.splitlines()[0]) == 1
     rows = [line for line in table.splitlines() if line.startswith(ROWS)]
     assert [row.split("  ")[0].strip() for row in rows] == list(ROWS)
-    assert figures["verdict"] in text
-    assert figures["verdict"].startswith("QAT int8 accuracy ")
-    assert " vs PTQ " in figures["verdict"] and " vs float " in figures["verdict"]
+    comparison = figures["comparison"]
+    assert comparison in text
+    assert comparison.startswith("QAT int8 accuracy ") and " vs PTQ " in comparison and " vs float " in comparison
+    assert ">=" not in comparison and "within" not in comparison  # what was measured, not a promise
 
 
 def test_demo_figures_are_sane(tiny_demo):
@@ -78,20 +80,27 @@ def test_demo_figures_are_sane(tiny_demo):
     # The float32 file computes what Keras computes; the QAT file what its int8 simulation computes.
     assert figures["float"]["tflite_accuracy"] == pytest.approx(figures["float"]["keras_accuracy"], abs=0.005)
     assert figures["qat"]["parity_passed"], figures["table"]
-    assert isinstance(figures["qat_ge_ptq"], bool) and isinstance(figures["qat_within_1pt"], bool)
+    for key, other in (("qat_minus_ptq", "ptq"), ("qat_minus_float", "float")):
+        expected = figures["qat"]["tflite_accuracy"] - figures[other]["tflite_accuracy"]
+        assert figures[key] == pytest.approx(expected), key
 
 
-def test_full_demo_qat_matches_ptq_and_float(tmp_path):
-    """The demo's claim, with its default settings: QAT int8 >= PTQ int8, within 1 point of float."""
+def test_full_demo_qat_is_as_accurate_as_ptq_and_float(tmp_path):
+    """The demo at its default settings: QAT int8 about as accurate as PTQ int8, and within 1 point of float.
+
+    Float results differ between CPUs, so training, and each file's accuracy, differ by a test image
+    or two between machines: QAT may land an image or two behind PTQ on one seed (whether QAT beats
+    PTQ on average is a question for many seeds, not one). The margins are two test images.
+    """
     figures = run_demo(tmp_path, seed=0, log=lambda line: None)
-    message = f"\n{figures['table']}\n{figures['verdict']}"
+    message = f"\n{figures['table']}\n{figures['comparison']}"
+    two_images = 2 / 450  # the digits test split has 450 images
     float_acc = figures["float"]["tflite_accuracy"]
     ptq_acc = figures["ptq"]["tflite_accuracy"]
     qat_acc = figures["qat"]["tflite_accuracy"]
     assert float_acc >= 0.97, message
-    assert qat_acc >= ptq_acc, message
-    assert abs(qat_acc - float_acc) <= 0.01, message
-    assert figures["qat_ge_ptq"] and figures["qat_within_1pt"], message
+    assert qat_acc >= ptq_acc - two_images, message
+    assert abs(qat_acc - float_acc) <= 0.01 + two_images, message
     assert figures["qat"]["fully_integer"] and figures["qat"]["parity_passed"], message
     assert figures["qat"]["keras_accuracy"] == pytest.approx(qat_acc, abs=0.005), message
 
@@ -117,7 +126,11 @@ def test_inspect_bench_and_eval_a_demo_file(tiny_demo):
 
     evaluate = kerasq_command("eval", path, "--kernels=reference")
     assert evaluate.returncode == 0, evaluate.stderr
-    assert f"accuracy {100 * figures['qat']['tflite_accuracy']:.2f}%" in evaluate.stdout
+    accuracy, images = re.search(r"accuracy ([\d.]+)% on the (\d+) digits test images", evaluate.stdout).groups()
+    # The demo measured its figure with the default (XNNPACK) kernels; the reference kernels round
+    # differently, and how often that flips a prediction depends on the CPU: allow two test images.
+    two_images = 100 * 2 / int(images)
+    assert abs(float(accuracy) - 100 * figures["qat"]["tflite_accuracy"]) <= two_images + 0.005, evaluate.stdout
 
 
 def test_convert_a_saved_qat_model_to_int8(tiny_demo, tmp_path):
