@@ -299,15 +299,20 @@ def _graph_config(model):
         return model.get_config()
     except (NotImplementedError, TypeError) as error:
         for layer in model.layers:
-            try:
-                layer.get_config()
-            except (NotImplementedError, TypeError):
-                raise TypeError(
-                    f"Layer '{layer.name}' ({type(layer).__name__}) of model '{model.name}' cannot be "
-                    "serialized, so kerasq cannot read or copy it: give its class a `get_config()` that "
-                    "returns its constructor arguments (see keras.layers.Layer.get_config)."
-                ) from error
-        raise
+            layer_config(layer, f"of model '{model.name}' ")
+        raise error
+
+
+def layer_config(layer, where=""):
+    """`layer.get_config()`, or a TypeError that names the layer and says to implement it."""
+    try:
+        return layer.get_config()
+    except (NotImplementedError, TypeError) as error:
+        raise TypeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) {where}cannot be serialized, so kerasq "
+            "cannot read or copy it: give its class a `get_config()` that returns its constructor "
+            "arguments (see keras.layers.Layer.get_config)."
+        ) from error
 
 
 def _check_walkable(model, what):

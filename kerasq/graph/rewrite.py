@@ -29,7 +29,7 @@ Example: halve a Conv's filters, slicing its weights and the next Conv's input c
 
 import keras
 
-from kerasq.graph.reader import LayerGraph
+from kerasq.graph.reader import LayerGraph, layer_config
 from kerasq.graph.weights import WeightMap
 
 
@@ -74,7 +74,7 @@ class Rewrite:
         with `layer`, named `name` (by default `layer`'s), made unique in the new model unless
         `unique_name=False` (for a layer that lives inside a wrapper). With `copy_weights`, it gets
         `layer`'s weights once built; otherwise assign them with `self.weights.assign`."""
-        config = layer.get_config()
+        config = layer_config(layer)
         config.update(config_changes)
         name = name or layer.name
         config["name"] = self.names.take(name) if unique_name else name
