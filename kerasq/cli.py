@@ -50,6 +50,14 @@ _FLAG_NAMES = ("output_dir", "epochs", "qat_epochs", "seed", "calibration", "run
 
 
 def main(argv):
+    """Runs the command in `argv` (`["kerasq", command, operands...]`, flags already parsed by absl)
+    and returns the exit code: 0, 1 for an error in the command, 2 for a usage error.
+
+    Example:
+    >>> from kerasq import cli
+    >>> cli.main(["kerasq", "frobnicate"])  # prints the error and the usage to stderr
+    2
+    """
     args = list(argv[1:])
     if not args:
         return _usage_error("no command given.")

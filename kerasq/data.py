@@ -16,6 +16,7 @@ def load_digits(test_fraction=0.25, seed=0, image_size=8):
     as `keras.applications.MobileNetV2`, which wants at least 32x32).
 
     Example:
+    >>> from kerasq.data import load_digits
     >>> (x_train, y_train), (x_test, y_test) = load_digits()
     >>> x_train.shape, x_test.shape
     ((1347, 8, 8, 1), (450, 8, 8, 1))

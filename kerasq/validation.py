@@ -3,7 +3,7 @@
 Shared by export (calibration data), `TFLiteModel.predict` and `verify_tflite`.
 
 Example:
->>> import keras
+>>> import keras, numpy as np
 >>> from kerasq.validation import check_input_data, input_specs
 >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
 >>> [x] = check_input_data(np.zeros((4, 8, 8, 1)), input_specs(model))

@@ -1,15 +1,16 @@
 """Export to .tflite and check the file against the Keras model.
 
 Example:
->>> import keras, numpy as np
+>>> import keras
+>>> from kerasq.data import load_digits
 >>> from kerasq.export import export_tflite, TFLiteModel, verify_tflite
+>>> (x_train, _), (x_test, _) = load_digits()
 >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
->>> x = np.random.rand(200, 8, 8, 1).astype("float32")
->>> content = export_tflite(model, representative_data=x)  # post-training int8; bytes, no file
->>> TFLiteModel(content).summary(show_tensors=False)  # doctest: +ELLIPSIS
+>>> content = export_tflite(model, representative_data=x_train)  # post-training int8, as bytes
+>>> TFLiteModel(content).summary(show_tensors=False)
 TFLiteModel "<bytes>" ...
 Fully integer: yes (every tensor between inputs and outputs is integer; I/O int8)
->>> report = verify_tflite(model, content, x)
+>>> report = verify_tflite(model, content, x_test)  # a float model vs its int8 file: read the agreement
 >>> report.float_reference, report.outputs[0].agreement > 0.9
 (True, True)
 """

@@ -62,7 +62,7 @@ def export_tflite(model, path=None, *, representative_data=None, input_type=None
     >>> qat_model = kerasq.quantize_model(model)
     >>> _ = qat_model(np.random.rand(32, 8, 8, 1).astype("float32"), training=True)  # or qat_model.fit(...)
     >>> with tempfile.TemporaryDirectory() as folder:  # fully int8, no calibration data needed
-    ...     content = export_tflite(qat_model, os.path.join(folder, "model_int8.tflite"))
+    ...     content = kerasq.export_tflite(qat_model, os.path.join(folder, "model_int8.tflite"))
     >>> kerasq.TFLiteModel(content).is_fully_integer
     True
     """

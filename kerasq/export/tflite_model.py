@@ -7,7 +7,15 @@ Example:
 >>> tflite = TFLiteModel(export_tflite(model))
 >>> tflite.predict(np.zeros((3, 8, 8, 1), "float32")).shape
 (3, 10)
->>> tflite.summary()  # ops, tensors, quantization, and whether the file is fully integer
+>>> tflite.summary(show_tensors=False)  # ops, quantization, and whether the file is fully integer
+TFLiteModel "<bytes>"  ... bytes (... KB), ... ops
+Inputs:
+  input (None, 8, 8, 1) float32 -
+Outputs:
+  ... (None, 10) float32 -
+Ops (execution order of first use):
+...
+Fully integer: NO (...)
 """
 
 import collections
@@ -39,10 +47,15 @@ class TFLiteModel:
     integer dtype are passed through untouched. Outputs are dequantized `(q - zero_point) * scale`.
 
     Example:
-    >>> tflite = TFLiteModel("model.tflite")
-    >>> logits = tflite.predict(x_test)
-    >>> tflite.evaluate(x_test, y_test)
-    0.97
+    >>> import keras
+    >>> from kerasq.data import load_digits
+    >>> from kerasq.export import TFLiteModel, export_tflite
+    >>> (x_train, y_train), (x_test, y_test) = load_digits()
+    >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    >>> tflite = TFLiteModel(export_tflite(model, representative_data=x_train))  # or a .tflite file's path
+    >>> tflite.predict(x_test).shape  # float in, float out: quantized and dequantized at the edges
+    (450, 10)
+    >>> accuracy = tflite.evaluate(x_test, y_test)  # top-1, here of an untrained model
     """
 
     def __init__(self, path_or_bytes, *, kernels="default", num_threads=None):

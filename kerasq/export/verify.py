@@ -7,10 +7,18 @@ default one is the floor no simulation can beat, so an output passes when its di
 within that floor (or one output step, whichever is larger).
 
 Example:
+>>> import keras
+>>> from kerasq.data import load_digits
 >>> from kerasq.export import export_tflite, verify_tflite
->>> report = verify_tflite(model, export_tflite(model, representative_data=x_train), x_test)
+>>> _, (x_test, _) = load_digits()
+>>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+>>> report = verify_tflite(model, export_tflite(model), x_test)  # a float32 file: differences in "abs"
 >>> print(report)
->>> assert report.passed
+TFLite parity on 450 samples (TFLite default kernels vs Keras; floor: default vs reference and builtin kernels)
+...
+Result: PASSED
+>>> report.passed
+True
 """
 
 import dataclasses

@@ -38,6 +38,7 @@ class Quantize(keras.layers.Layer):
 
     Example:
     >>> import numpy as np
+    >>> from kerasq import Quantize
     >>> layer = Quantize()
     >>> y = layer(np.linspace(-1, 1, 5, dtype="float32")[None], training=True)
     >>> [round(float(v), 3) for v in np.asarray(y)[0]]
@@ -86,6 +87,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     Example:
     >>> import keras
+    >>> from kerasq import QuantizeWrapper
     >>> wrapper = QuantizeWrapper(keras.layers.Dense(4))
     >>> tuple(wrapper(keras.ops.ones((2, 3))).shape)
     (2, 4)

@@ -43,6 +43,7 @@ class WeightQuantizer(_Configurable):
 
     Example:
     >>> import numpy as np
+    >>> from kerasq import WeightQuantizer
     >>> q = WeightQuantizer(bits=8)
     >>> w = np.array([[0.5, -1.0], [0.25, 0.1]], "float32")
     >>> np.round(np.asarray(q(w, channel_axis=-1)) * 127).astype(int).tolist()
@@ -98,6 +99,7 @@ class ActivationQuantizer(_Configurable):
         fixed_range: `(min, max)` that never changes, or None.
 
     Example:
+    >>> from kerasq import ActivationQuantizer
     >>> q = ActivationQuantizer(bits=8, ema_decay=0.9)
     >>> q.get_config()["ema_decay"]
     0.9

@@ -22,6 +22,7 @@ class QuantizationScheme:
             them); by default training normalizes with batch statistics, as float training does.
 
     Example:
+    >>> from kerasq import ActivationQuantizer, QuantizationScheme
     >>> scheme = QuantizationScheme(activations=ActivationQuantizer(ema_decay=0.999))
     >>> scheme.weights.bits, scheme.activations.ema_decay
     (8, 0.999)
