@@ -1,0 +1,215 @@
+"""Channel pruning: remove whole filters and units, and get a genuinely narrower model.
+
+Unstructured zeros make a file smaller once compressed; removed channels make every op smaller and
+faster. `prune_channels` ranks each channel group (`kerasq.graph.channel_groups`: the channels a Conv
+produces together with everything that must lose them too: its BatchNorm, a depthwise conv, both
+sides of a residual Add, the next layer's input) and rebuilds the model without the least important
+channels, their weights carried over. Fine-tune it with `fit`, then quantize and export it.
+
+Example:
+>>> import keras, kerasq
+>>> model = keras.Sequential([keras.Input((8, 8, 1)),
+...     keras.layers.Conv2D(16, 3, name="conv"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+...     keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, name="logits")])
+>>> slim = kerasq.prune_channels(model, ratio=0.5)
+>>> slim.get_layer("conv").filters
+8
+"""
+
+import math
+
+import keras
+import numpy as np
+
+from kerasq.graph import LayerGraph, Rewrite, channel_groups, facts, take, weight
+from kerasq.graph.wrappers import unwrap
+
+CRITERIA = ("l1", "l2", "bn_scale")
+_WIDTH_KEYS = ("filters", "units", "output_dim")
+
+
+def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1):
+    """Returns a narrower copy of `model` without the least important channels; `model` is unchanged.
+
+    Args:
+        model: a built Sequential or Functional model (nested models are inlined).
+        ratio: the fraction of each removable channel group's channels to remove, in [0, 1).
+        criterion: how channels are ranked: "l1" or "l2" (norm of the filters that produce each
+            channel, each producer's norms scaled to mean 1 so producers of a residual group count
+            alike) or "bn_scale" (|gamma| of the BatchNorms on the channels: network slimming; train
+            with an L1 penalty on the scales first).
+        ratios: {layer name: ratio} overriding `ratio` for the group of channels that layer produces.
+        min_channels: never keep fewer channels than this in a group.
+        round_to: keep a multiple of this many channels (e.g. 4 or 8, which int8 kernels favour).
+
+    Channel groups that reach a model input or output, a Flatten that mixes positions, or a layer
+    kerasq has no facts for keep all their channels.
+    """
+    _check_arguments(ratio, criterion, ratios, min_channels, round_to)
+    graph = LayerGraph(model)
+    groups = channel_groups(graph)
+    keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to)
+    plan = _plan(graph, groups, keep)
+    if not plan:
+        return Rewrite(graph).run()
+    return Rewrite(graph, lambda layer, rewrite: _narrow(layer, plan.get(id(layer)), rewrite)).run()
+
+
+# ---- which channels stay ---------------------------------------------------------------------------
+
+def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, round_to):
+    """{group id: sorted channel indices to keep} for every group that loses channels."""
+    keep = {}
+    for group in groups:
+        if not group.removable or not group.producers or _is_shared(graph, group) or _multiplies_channels(group):
+            continue
+        named = [ratios[n.layer.name] for n in group.producers if n.layer.name in ratios]
+        group_ratio = max(named) if named else ratio
+        count = max(min_channels, group.size - int(math.floor(group.size * group_ratio)))
+        count = min(group.size, int(math.ceil(count / round_to) * round_to))
+        if count >= group.size:
+            continue
+        scores = _scores(group, criterion)
+        keep[group.id] = np.sort(np.argsort(-scores, kind="stable")[:count])
+    for group in groups:  # a concatenation keeps what its parts keep
+        if group.parts and any(part.id in keep for part, _ in group.parts):
+            kept = [offset + np.asarray(keep.get(part.id, np.arange(part.size))) for part, offset in group.parts]
+            keep[group.id] = np.concatenate(kept)
+    return keep
+
+
+def _is_shared(graph, group):
+    nodes = group.producers + group.members + group.consumers
+    return any(graph.calls_of(node.layer) > 1 for node in nodes)
+
+
+def _multiplies_channels(group):
+    """A depthwise conv with depth_multiplier > 1 makes m channels per input channel: its output
+    channels cannot be chosen one by one."""
+    for node in group.producers:
+        layer_facts = facts.layer_facts(unwrap(node.layer))
+        if isinstance(layer_facts.kernels[layer_facts.output_kernel].out_axis, tuple):
+            return True
+    return False
+
+
+def _scores(group, criterion):
+    scores = np.zeros(group.size)
+    if criterion == "bn_scale":
+        for node in group.members:
+            layer = unwrap(node.layer)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
+                scores += np.abs(np.asarray(layer.gamma))
+        if scores.any():
+            return scores
+    for node in group.producers:
+        layer = unwrap(node.layer)
+        layer_facts = facts.layer_facts(layer)
+        name = layer_facts.output_kernel
+        kernel = np.asarray(weight(layer, name))
+        out_axis = layer_facts.kernels[name].out_axis % kernel.ndim
+        flat = np.moveaxis(kernel, out_axis, 0).reshape(kernel.shape[out_axis], -1)
+        norms = np.abs(flat).sum(axis=1) if criterion == "l1" else np.sqrt((flat**2).sum(axis=1))
+        scores += norms / max(norms.mean(), 1e-12)
+    return scores
+
+
+# ---- what each layer becomes -------------------------------------------------------------------------
+
+class _LayerPlan:
+    """How one layer narrows: its output channels kept (`out`), its input channels kept (`inputs`)."""
+
+    def __init__(self):
+        self.out = None
+        self.inputs = None
+        self.member = None
+
+
+def _plan(graph, groups, keep):
+    plans = {}
+
+    def plan_of(node):
+        return plans.setdefault(id(node.layer), _LayerPlan())
+
+    for group in groups:
+        if group.id not in keep:
+            continue
+        indices = keep[group.id]
+        for node in group.producers:
+            plan_of(node).out = (indices, group.size)
+        for node in group.members:
+            plan_of(node).member = (indices, group.size)
+        for node in group.consumers:
+            plan_of(node).inputs = (indices, group.size)
+    return plans
+
+
+def _narrow(layer, plan, rewrite):
+    if plan is None:
+        return None
+    inner = unwrap(layer)
+    layer_facts = facts.layer_facts(inner)
+    changes = {}
+    transforms = {}  # weight name -> [Transform]
+    if plan.out is not None:
+        indices, size = plan.out
+        changes[_width_key(inner, size)] = len(indices)
+        for name, kernel in layer_facts.kernels.items():
+            if name == layer_facts.output_kernel:
+                transforms.setdefault(name, []).append(take(kernel.out_axis, indices))
+        for name, axis in layer_facts.per_channel.items():
+            transforms.setdefault(name, []).append(take(axis, indices))
+    if plan.member is not None:
+        indices, size = plan.member
+        for name, axis in layer_facts.per_channel.items():
+            transforms.setdefault(name, []).append(take(axis, indices))
+        if isinstance(inner, keras.layers.Reshape):
+            changes["target_shape"] = tuple(inner.target_shape[:-1]) + (len(indices),)
+    if plan.inputs is not None:
+        indices, size = plan.inputs
+        for name, kernel in layer_facts.kernels.items():
+            if kernel.in_axis is None:
+                continue
+            in_size = weight(inner, name).shape[kernel.in_axis]
+            factor = in_size // size  # a separable conv's pointwise rows: depth_multiplier per channel
+            expanded = (indices[:, None] * factor + np.arange(factor)[None, :]).reshape(-1)
+            transforms.setdefault(name, []).append(take(kernel.in_axis, expanded))
+    new = rewrite.clone(inner, copy_weights=False, **changes)
+    for variable in inner.weights:
+        name = _weight_name(inner, variable)
+        rewrite.weights.assign(new, name, variable, *transforms.get(name, []))
+    return new
+
+
+def _width_key(layer, size):
+    config = layer.get_config()
+    for key in _WIDTH_KEYS:
+        if config.get(key) == size:
+            return key
+    raise ValueError(
+        f"Cannot narrow layer '{layer.name}' ({type(layer).__name__}): none of its settings "
+        f"{_WIDTH_KEYS} is its channel count {size}. Leave it out with ratios={{'{layer.name}': 0.0}}."
+    )
+
+
+def _weight_name(layer, variable):
+    """The attribute a weight is reached by (`kernel`, `gamma`...), else its path within the layer."""
+    for name in ("kernel", "bias", "depthwise_kernel", "pointwise_kernel", "embeddings", "gamma", "beta",
+                 "moving_mean", "moving_variance", "alpha", "mean", "variance", "count"):
+        if getattr(layer, name, None) is variable:
+            return name
+    return variable.path
+
+
+def _check_arguments(ratio, criterion, ratios, min_channels, round_to):
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1): the fraction of channels to remove; got {ratio}.")
+    for name, value in (ratios or {}).items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ratios['{name}'] must be in [0, 1); got {value}.")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}.")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ValueError(f"min_channels must be an integer >= 1; got {min_channels!r}.")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1; got {round_to!r}.")
