@@ -1,6 +1,6 @@
 """kerasq: quantization-aware training and verified int8 TFLite export for Keras 3."""
 
-from kerasq import data, export, quantization
+from kerasq import data, export, graph, quantization
 from kerasq.export import (
     ExportError,
     ExportHook,
@@ -25,5 +25,7 @@ from kerasq.quantization import (
     quantize_scope,
     register_handler,
 )
+from kerasq.graph import LayerFacts, register_layer_facts
+from kerasq.pruning.channels import prune_channels
 
 __version__ = "0.1.0"
