@@ -158,6 +158,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         super().build(input_shape)
         if self.batchnorm is not None and not self.batchnorm.built:
             self.batchnorm.build(self.layer.compute_output_shape(input_shape))
+        if self.batchnorm is not None and _freezes_after_steps(self.scheme.freeze_batchnorm):
+            # How many training steps have run with batch statistics; only a step count needs it.
+            self._batchnorm_steps = self.add_weight(
+                name="batchnorm_steps", shape=(), initializer="zeros", trainable=False
+            )
         self._ranges = [self._build_ranges(index) for index in range(self.calls)]
 
     def _build_ranges(self, index):
@@ -240,8 +245,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """Conv/Dense with BatchNorm folded in, as in Jacob et al. (2018) and PyTorch's ConvBn.
 
         The kernel is always folded with the moving variance, so it is quantized exactly as it will be
-        deployed. In training the folded output is scaled back and normalized with the batch's
-        statistics (which also update the moving ones), as float BatchNorm training does.
+        deployed. By default (`freeze_batchnorm=True`) training normalizes with the moving statistics
+        too, so the network that trains is the network deployed. With `freeze_batchnorm=False` (or for
+        the first `freeze_batchnorm` steps when it is a step count) the folded output is scaled back and
+        normalized with the batch's statistics, which also update the moving ones, as float BatchNorm
+        training does.
         """
         bn = self.batchnorm
         gamma = bn.gamma if bn.scale else ops.ones_like(bn.moving_variance)
@@ -249,21 +257,28 @@ class QuantizeWrapper(keras.layers.Wrapper):
         bias = bias if bias is not None else ops.zeros_like(bn.moving_mean)
         scale = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
         folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
-        use_batch_statistics = (
-            training and bn.trainable and not self.scheme.freeze_batchnorm
-        )
-        if not use_batch_statistics:
-            folded_bias = beta + (bias - bn.moving_mean) * scale
+        folded_bias = beta + (bias - bn.moving_mean) * scale
+        freeze = self.scheme.freeze_batchnorm
+        if not training or not bn.trainable or freeze is True:
             return self._linear(inputs, folded, folded_bias, ranges, training)
-        outputs = self._linear(inputs, folded, None, ranges, training) / scale + bias
-        reduce_axes = tuple(range(len(outputs.shape) - 1))
-        mean, variance = ops.moments(outputs, axes=reduce_axes)
+        linear = self._linear(inputs, folded, None, ranges, training)
+        unfolded = linear / scale + bias
+        reduce_axes = tuple(range(len(unfolded.shape) - 1))
+        mean, variance = ops.moments(unfolded, axes=reduce_axes)
+        normalized = (unfolded - mean) * (gamma * ops.rsqrt(variance + bn.epsilon)) + beta
         momentum = bn.momentum
-        bn.moving_mean.assign(bn.moving_mean * momentum + ops.stop_gradient(mean) * (1 - momentum))
-        bn.moving_variance.assign(
-            bn.moving_variance * momentum + ops.stop_gradient(variance) * (1 - momentum)
-        )
-        return (outputs - mean) * (gamma * ops.rsqrt(variance + bn.epsilon)) + beta
+        moving_mean = bn.moving_mean * momentum + ops.stop_gradient(mean) * (1 - momentum)
+        moving_variance = bn.moving_variance * momentum + ops.stop_gradient(variance) * (1 - momentum)
+        if not _freezes_after_steps(freeze):
+            bn.moving_mean.assign(moving_mean)
+            bn.moving_variance.assign(moving_variance)
+            return normalized
+        # Batch statistics for the first `freeze` steps, then the moving ones, frozen from then on.
+        warming_up = ops.less(self._batchnorm_steps, float(freeze))
+        bn.moving_mean.assign(ops.where(warming_up, moving_mean, bn.moving_mean))
+        bn.moving_variance.assign(ops.where(warming_up, moving_variance, bn.moving_variance))
+        self._batchnorm_steps.assign(ops.minimum(self._batchnorm_steps + 1.0, float(freeze)))
+        return ops.where(warming_up, normalized, linear + folded_bias)
 
     def compute_output_shape(self, input_shape, *args, call_index=0, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
@@ -313,6 +328,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
             quantize_output=self.quantize_output,
         )
         return config
+
+
+def _freezes_after_steps(freeze_batchnorm):
+    """True when `freeze_batchnorm` is a step count rather than always (True) or never (False)."""
+    return not isinstance(freeze_batchnorm, bool)
 
 
 def _call_suffix(index):

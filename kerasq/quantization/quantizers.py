@@ -155,7 +155,14 @@ class ActivationQuantizer(_Configurable):
         }
 
     def __call__(self, x, state, training=False):
-        if training and self.fixed_range is None:
+        if training and self.fixed_range is not None:
+            # A fixed range (softmax, sigmoid, tanh) has nothing to learn, and rounding it in training
+            # makes the loss flat: a probability above 255/256 is clipped (zero gradient) and the
+            # others round to 0, so every confidently classified sample stops contributing (over 80%
+            # of a converged MobileNetV2's digits batches gave exactly zero gradient). Training sees
+            # the unrounded output, at most half a step (1/512) away; inference rounds as TFLite does.
+            return x
+        if training:
             self._observe(ops.stop_gradient(x), state)
         low, high = self.range(state)
         return keras.quantizers.fake_quant_with_min_max_vars(
