@@ -27,5 +27,17 @@ from kerasq.quantization import (
 )
 from kerasq.graph import LayerFacts, register_layer_facts
 from kerasq.pruning.channels import prune_channels
+from kerasq.pruning import (
+    ConstantSparsity,
+    PolynomialDecay,
+    PrunableLayer,
+    PruneLowMagnitude,
+    PruningSchedule,
+    PruningSummaries,
+    UpdatePruningStep,
+    prune_low_magnitude,
+    prune_scope,
+    strip_pruning,
+)
 
 __version__ = "0.1.0"
