@@ -21,11 +21,10 @@ import math
 import keras
 import numpy as np
 
-from kerasq.graph import LayerGraph, Rewrite, channel_groups, facts, take, weight
+from kerasq.graph import LayerGraph, channel_groups, facts, reindex_channels, weight
 from kerasq.graph.wrappers import unwrap
 
 CRITERIA = ("l1", "l2", "bn_scale")
-_WIDTH_KEYS = ("filters", "units", "output_dim")
 
 
 def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1):
@@ -49,10 +48,7 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
     graph = LayerGraph(model)
     groups = channel_groups(graph)
     keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to)
-    plan = _plan(graph, groups, keep)
-    if not plan:
-        return Rewrite(graph).run()
-    return Rewrite(graph, lambda layer, rewrite: _narrow(layer, plan.get(id(layer)), rewrite)).run()
+    return reindex_channels(graph, groups, keep)
 
 
 # ---- which channels stay ---------------------------------------------------------------------------
@@ -69,12 +65,8 @@ def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, roun
         count = min(group.size, int(math.ceil(count / round_to) * round_to))
         if count >= group.size:
             continue
-        scores = _scores(group, criterion)
+        scores = channel_scores(group, criterion)
         keep[group.id] = np.sort(np.argsort(-scores, kind="stable")[:count])
-    for group in groups:  # a concatenation keeps what its parts keep
-        if group.parts and any(part.id in keep for part, _ in group.parts):
-            kept = [offset + np.asarray(keep.get(part.id, np.arange(part.size))) for part, offset in group.parts]
-            keep[group.id] = np.concatenate(kept)
     return keep
 
 
@@ -91,6 +83,11 @@ def _multiplies_channels(group):
         if isinstance(layer_facts.kernels[layer_facts.output_kernel].out_axis, tuple):
             return True
     return False
+
+
+def channel_scores(group, criterion="l1"):
+    """One importance score per channel of `group` (higher is more important), by `criterion`."""
+    return _scores(group, criterion)
 
 
 def _scores(group, criterion):
@@ -112,93 +109,6 @@ def _scores(group, criterion):
         norms = np.abs(flat).sum(axis=1) if criterion == "l1" else np.sqrt((flat**2).sum(axis=1))
         scores += norms / max(norms.mean(), 1e-12)
     return scores
-
-
-# ---- what each layer becomes -------------------------------------------------------------------------
-
-class _LayerPlan:
-    """How one layer narrows: its output channels kept (`out`), its input channels kept (`inputs`)."""
-
-    def __init__(self):
-        self.out = None
-        self.inputs = None
-        self.member = None
-
-
-def _plan(graph, groups, keep):
-    plans = {}
-
-    def plan_of(node):
-        return plans.setdefault(id(node.layer), _LayerPlan())
-
-    for group in groups:
-        if group.id not in keep:
-            continue
-        indices = keep[group.id]
-        for node in group.producers:
-            plan_of(node).out = (indices, group.size)
-        for node in group.members:
-            plan_of(node).member = (indices, group.size)
-        for node in group.consumers:
-            plan_of(node).inputs = (indices, group.size)
-    return plans
-
-
-def _narrow(layer, plan, rewrite):
-    if plan is None:
-        return None
-    inner = unwrap(layer)
-    layer_facts = facts.layer_facts(inner)
-    changes = {}
-    transforms = {}  # weight name -> [Transform]
-    if plan.out is not None:
-        indices, size = plan.out
-        changes[_width_key(inner, size)] = len(indices)
-        for name, kernel in layer_facts.kernels.items():
-            if name == layer_facts.output_kernel:
-                transforms.setdefault(name, []).append(take(kernel.out_axis, indices))
-        for name, axis in layer_facts.per_channel.items():
-            transforms.setdefault(name, []).append(take(axis, indices))
-    if plan.member is not None:
-        indices, size = plan.member
-        for name, axis in layer_facts.per_channel.items():
-            transforms.setdefault(name, []).append(take(axis, indices))
-        if isinstance(inner, keras.layers.Reshape):
-            changes["target_shape"] = tuple(inner.target_shape[:-1]) + (len(indices),)
-    if plan.inputs is not None:
-        indices, size = plan.inputs
-        for name, kernel in layer_facts.kernels.items():
-            if kernel.in_axis is None:
-                continue
-            in_size = weight(inner, name).shape[kernel.in_axis]
-            factor = in_size // size  # a separable conv's pointwise rows: depth_multiplier per channel
-            expanded = (indices[:, None] * factor + np.arange(factor)[None, :]).reshape(-1)
-            transforms.setdefault(name, []).append(take(kernel.in_axis, expanded))
-    new = rewrite.clone(inner, copy_weights=False, **changes)
-    for variable in inner.weights:
-        name = _weight_name(inner, variable)
-        rewrite.weights.assign(new, name, variable, *transforms.get(name, []))
-    return new
-
-
-def _width_key(layer, size):
-    config = layer.get_config()
-    for key in _WIDTH_KEYS:
-        if config.get(key) == size:
-            return key
-    raise ValueError(
-        f"Cannot narrow layer '{layer.name}' ({type(layer).__name__}): none of its settings "
-        f"{_WIDTH_KEYS} is its channel count {size}. Leave it out with ratios={{'{layer.name}': 0.0}}."
-    )
-
-
-def _weight_name(layer, variable):
-    """The attribute a weight is reached by (`kernel`, `gamma`...), else its path within the layer."""
-    for name in ("kernel", "bias", "depthwise_kernel", "pointwise_kernel", "embeddings", "gamma", "beta",
-                 "moving_mean", "moving_variance", "alpha", "mean", "variance", "count"):
-        if getattr(layer, name, None) is variable:
-            return name
-    return variable.path
 
 
 def _check_arguments(ratio, criterion, ratios, min_channels, round_to):
