@@ -1,0 +1,4 @@
+"""Moving models between architectures: weight transfer and function-preserving growth."""
+
+from kerasq.transfer.net2net import deepen, widen
+from kerasq.transfer.weights import TransferReport, TransferRow, transfer_weights
