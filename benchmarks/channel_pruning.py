@@ -121,9 +121,11 @@ def run(args):
             model = train(build(), data, args.epochs, 3e-3)
             base = int8_figures(model, data, folder, "base")
             rows.append((title, "unpruned", base, base))
-            slim = kerasq.prune_channels(model, ratio=args.ratio)
+            # MobileNetV2 keeps its widths multiples of 8 (and at least 8) at every alpha; so does its pruning.
+            round_to = 8 if title.startswith("MobileNetV2") else 1
+            slim = kerasq.prune_channels(model, ratio=args.ratio, round_to=round_to)
             slim = train(slim, data, args.finetune_epochs, 1e-3)
-            rows.append((title, f"prune_channels {args.ratio:.0%} + {args.finetune_epochs} epochs",
+            rows.append((title, f"prune_channels {args.ratio:.0%} (round_to={round_to}) + {args.finetune_epochs} epochs",
                          int8_figures(slim, data, folder, "slim"), base))
             if title.startswith("MobileNetV2"):
                 keras.utils.set_random_seed(args.seed)

@@ -21,7 +21,7 @@ import math
 import keras
 import numpy as np
 
-from kerasq.graph import LayerGraph, channel_groups, facts, reindex_channels, weight
+from kerasq.graph import LayerGraph, channel_groups, facts, reindex_channels, rules, weight
 from kerasq.graph.wrappers import unwrap
 
 CRITERIA = ("l1", "l2", "bn_scale")
@@ -34,9 +34,9 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
         model: a built Sequential or Functional model (nested models are inlined).
         ratio: the fraction of each removable channel group's channels to remove, in [0, 1).
         criterion: how channels are ranked: "l1" or "l2" (norm of the filters that produce each
-            channel, each producer's norms scaled to mean 1 so producers of a residual group count
-            alike) or "bn_scale" (|gamma| of the BatchNorms on the channels: network slimming; train
-            with an L1 penalty on the scales first).
+            channel, with a following BatchNorm folded in, each producer's norms scaled to mean 1 so
+            producers of a residual group count alike) or "bn_scale" (|gamma| of the BatchNorms on
+            the channels: network slimming; train with an L1 penalty on the scales first).
         ratios: {layer name: ratio} overriding `ratio` for the group of channels that layer produces.
         min_channels: never keep fewer channels than this in a group.
         round_to: keep a multiple of this many channels (e.g. 4 or 8, which int8 kernels favour).
@@ -65,7 +65,7 @@ def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, roun
         count = min(group.size, int(math.ceil(count / round_to) * round_to))
         if count >= group.size:
             continue
-        scores = channel_scores(group, criterion)
+        scores = channel_scores(graph, group, criterion)
         keep[group.id] = np.sort(np.argsort(-scores, kind="stable")[:count])
     return keep
 
@@ -85,12 +85,14 @@ def _multiplies_channels(group):
     return False
 
 
-def channel_scores(group, criterion="l1"):
-    """One importance score per channel of `group` (higher is more important), by `criterion`."""
-    return _scores(group, criterion)
+def channel_scores(graph, group, criterion="l1"):
+    """One importance score per channel of `group` (higher is more important), by `criterion`.
 
-
-def _scores(group, criterion):
+    "l1"/"l2": the norm of each producer's filter for the channel, as deployed: a BatchNorm folded
+    into the producer scales it by gamma / sqrt(variance + epsilon). Each producer's norms are scaled
+    to mean 1, so the producers of a residual stream count alike. "bn_scale": |gamma| of the
+    BatchNorms on the channels.
+    """
     scores = np.zeros(group.size)
     if criterion == "bn_scale":
         for node in group.members:
@@ -106,9 +108,19 @@ def _scores(group, criterion):
         kernel = np.asarray(weight(layer, name))
         out_axis = layer_facts.kernels[name].out_axis % kernel.ndim
         flat = np.moveaxis(kernel, out_axis, 0).reshape(kernel.shape[out_axis], -1)
-        norms = np.abs(flat).sum(axis=1) if criterion == "l1" else np.sqrt((flat**2).sum(axis=1))
+        norms = np.abs(flat).sum(axis=1) if criterion != "l2" else np.sqrt((flat**2).sum(axis=1))
+        norms = norms * _folded_batchnorm_scale(graph, node, group.size)
         scores += norms / max(norms.mean(), 1e-12)
     return scores
+
+
+def _folded_batchnorm_scale(graph, node, size):
+    batchnorm_node = rules.foldable_batchnorm(graph, node)
+    if batchnorm_node is None:
+        return np.ones(size)
+    batchnorm = unwrap(batchnorm_node.layer)
+    gamma = np.asarray(batchnorm.gamma) if batchnorm.scale else np.ones(size)
+    return np.abs(gamma) / np.sqrt(np.asarray(batchnorm.moving_variance) + batchnorm.epsilon)
 
 
 def _check_arguments(ratio, criterion, ratios, min_channels, round_to):

@@ -200,7 +200,7 @@ def _channels_to_keep(source, source_layers, target_layers, pairs):
                     break
         if size is None:
             continue
-        indices = np.sort(np.argsort(-channel_scores(group), kind="stable")[:size])
+        indices = np.sort(np.argsort(-channel_scores(graph, group), kind="stable")[:size])
         for role, nodes in (("out", group.producers), ("member", group.members), ("in", group.consumers)):
             for node in nodes:
                 keep.setdefault(id(node.layer), {})[role] = (group.size, indices)
