@@ -31,6 +31,10 @@ from kerasq.export.tflite_model import TFLiteModel, dequantize
 from kerasq.validation import check_input_data, input_specs, pack_inputs
 
 MIN_AGREEMENT = 0.995  # argmax agreement an output needs (or the floor's, if the floor is lower)
+# The floor's agreement is itself measured on the given samples, and which samples the kernel paths
+# flip depends on the CPU (oneDNN and XNNPACK pick kernels by instruction set): an agreement this many
+# samples below the floor's is sampling noise, not a parity gap.
+SAMPLING_SLACK = 2
 FRAGILE_DISAGREEMENT = 0.005  # kernel paths disagreeing on more argmaxes than this: numerically fragile
 FLOOR_KERNELS = ("reference", "builtin")  # the kernel paths measured against the default one
 FLOAT_RTOL = 1e-4  # float outputs: tolerance relative to the output's magnitude
@@ -190,7 +194,8 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
             tolerance = max(floor_max, FLOAT_RTOL * max(1.0, float(np.abs(ref).max())))
         passed = max_diff <= tolerance + (STEP_SLACK if step else 1e-12)
         if agreement is not None:
-            passed = passed and agreement >= min(MIN_AGREEMENT, floor_agreement)
+            slack = SAMPLING_SLACK / len(ref)
+            passed = passed and agreement >= min(MIN_AGREEMENT, floor_agreement) - slack
         outputs.append(
             OutputParity(
                 name=default.output_names[i],
