@@ -2,3 +2,4 @@
 
 from kerasq.transfer.net2net import deepen, widen
 from kerasq.transfer.weights import TransferReport, TransferRow, transfer_weights
+from kerasq.transfer.legacy import LegacyMigrationError, UnmappableLayersError, migrate_legacy
