@@ -41,5 +41,14 @@ from kerasq.pruning import (
     prune_scope,
     strip_pruning,
 )
+from kerasq import clustering
+from kerasq.clustering import (
+    CentroidInitialization,
+    ClusterableLayer,
+    ClusterWeights,
+    cluster_scope,
+    cluster_weights,
+    strip_clustering,
+)
 
 __version__ = "0.1.0"
