@@ -1027,3 +1027,21 @@ def test_quantizing_a_quantized_model_says_so():
     qat = kerasq.quantize_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
     with pytest.raises(ValueError, match="already quantized"):
         kerasq.quantize_model(qat)
+
+
+@pytest.mark.parametrize("interpolation, resize_op", [("nearest", "RESIZE_NEAREST_NEIGHBOR"), ("bilinear", "RESIZE_BILINEAR")])
+def test_upsampling_exports_as_one_resize_op_on_every_kernel_path(interpolation, resize_op):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.UpSampling2D(interpolation=interpolation)(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1)(x))
+    data = RNG.uniform(size=(64, 8, 8, 3)).astype("float32")
+    qat = kerasq.quantize_model(model)
+    for _ in range(3):
+        qat(data, training=True)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert sorted(set(tflite.ops)) == ["CONV_2D", resize_op] and tflite.is_fully_integer
+    report = kerasq.verify_tflite(qat, tflite, data)
+    assert report.passed and "reference" in report.floor_kernels, str(report)
+    # The float layer computes the same as Keras's own UpSampling2D.
+    np.testing.assert_array_equal(np.asarray(model(data[:4])), np.asarray(keras.Model(inputs, model.outputs)(data[:4])))

@@ -127,11 +127,26 @@ def _activation_output_policy(name):
 
 
 class UpSamplingHandler(LayerHandler):
-    """UpSampling: nearest-neighbour copies values; other interpolations compute new ones."""
+    """UpSampling: nearest-neighbour copies values; other interpolations compute new ones.
+
+    A 2D upsampling with known spatial sizes runs as one resize to a constant size, which the
+    converter writes as a single RESIZE_NEAREST_NEIGHBOR or RESIZE_BILINEAR op (Keras's own call
+    repeats rows and columns, or computes the size at run time: SHAPE, TILE, PACK... in the file).
+    """
 
     def output_policy(self, layer):
         nearest = getattr(layer, "interpolation", "nearest") == "nearest"
         return (PASS_THROUGH if nearest else SAME_SCALE), None
+
+    def run(self, layer, inputs, *args, **kwargs):
+        static = isinstance(layer, layers.UpSampling2D) and layer.data_format == "channels_last"
+        height, width = tuple(inputs.shape)[1:3] if len(inputs.shape) == 4 else (None, None)
+        if args or kwargs or not static or height is None or width is None:
+            return layer(inputs, *args, **kwargs)
+        if layer.interpolation not in ("nearest", "bilinear"):
+            return layer(inputs)
+        size = (height * layer.size[0], width * layer.size[1])
+        return ops.image.resize(inputs, size, interpolation=layer.interpolation, data_format="channels_last")
 
 
 class ReshapeHandler(LayerHandler):
