@@ -13,6 +13,10 @@ Usage:
       Single-sample latency with LiteRT (random inputs).
   kerasq eval FILE.tflite [--kernels=default]
       Accuracy on the digits test split (for files that take digit images).
+  kerasq migrate OLD.h5 NEW.keras
+      Rebuild a model saved by tf_keras (Keras 2; a .h5 file, a SavedModel directory or a tf_keras
+      .keras file), plain or wrapped by tfmot's quantize_model/prune_low_magnitude, as a Keras 3
+      kerasq model and save it as NEW.keras.
 
 Flags may come before or after the command; `kerasq --helpfull` lists them all.
 """
@@ -24,7 +28,7 @@ from absl import app, flags
 
 from kerasq import demo as demo_lib
 
-COMMANDS = ("demo", "convert", "inspect", "bench", "eval")
+COMMANDS = ("demo", "convert", "inspect", "bench", "eval", "migrate")
 USAGE_ERROR = 2
 
 flags.DEFINE_string("output_dir", "kerasq_demo", "demo: folder for the .tflite and .keras files.")
@@ -73,6 +77,12 @@ def main(argv):
         if len(operands) != 2:
             return _usage_error(f"convert takes MODEL.keras and OUT.tflite; got {len(operands)} arguments.")
         return _run(command, _convert, *operands)
+    if command == "migrate":
+        if len(operands) != 2:
+            return _usage_error(f"migrate takes OLD.h5 and NEW.keras; got {len(operands)} arguments.")
+        if not operands[1].endswith(".keras"):
+            return _usage_error(f"migrate writes a .keras file; got {operands[1]}.")
+        return _run(command, _migrate, *operands)
     if len(operands) != 1:
         return _usage_error(f"{command} takes one .tflite file; got {len(operands)} arguments.")
     return _run(command, {"inspect": _inspect, "bench": _bench, "eval": _eval}[command], operands[0])
@@ -108,6 +118,28 @@ def _convert(model_path, out_path):
     kind = "QAT int8" if quantized else ("post-training int8" if calibration is not None else "float32")
     integer = "fully integer" if tflite.is_fully_integer else "not fully integer"
     print(f"{out_path}: {kind}, {tflite.size_bytes:,} bytes, {len(tflite.ops)} ops, {integer}")
+    return 0
+
+
+def _migrate(old_path, new_path):
+    from kerasq.pruning import pruning_layers
+    from kerasq.quantization import is_quantized
+    from kerasq.transfer import migrate_legacy
+
+    if os.path.abspath(old_path) == os.path.abspath(new_path):
+        raise ValueError(f"NEW.keras must be another file than {old_path}: migrate never overwrites its source.")
+    try:
+        model = migrate_legacy(old_path)
+    except ValueError as error:  # the unmappable-layers list spans lines: one line here
+        raise ValueError(" ".join(line.strip() for line in str(error).splitlines())) from error
+    model.save(new_path)
+    if is_quantized(model):
+        kind = "kerasq QAT model (export it with kerasq convert)"
+    elif pruning_layers(model):
+        kind = "model with kerasq pruning wrappers"
+    else:
+        kind = "float model"
+    print(f"{new_path}: {kind} migrated from {old_path}, {len(model.layers)} layers")
     return 0
 
 
