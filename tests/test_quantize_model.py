@@ -1045,3 +1045,37 @@ def test_upsampling_exports_as_one_resize_op_on_every_kernel_path(interpolation,
     assert report.passed and "reference" in report.floor_kernels, str(report)
     # The float layer computes the same as Keras's own UpSampling2D.
     np.testing.assert_array_equal(np.asarray(model(data[:4])), np.asarray(keras.Model(inputs, model.outputs)(data[:4])))
+
+
+def test_preserve_sparsity_keeps_pruned_zeros_through_training_and_in_the_file(digits, tmp_path):
+    (x_train, y_train), _ = digits
+    model = _cnn()
+    for layer in model.layers:  # prune 70% of every kernel by magnitude, as a stripped pruned model holds them
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = np.asarray(layer.kernel)
+            kernel[np.abs(kernel) < np.quantile(np.abs(kernel), 0.7)] = 0.0
+            layer.kernel.assign(kernel)
+    zeros = {layer.name: np.asarray(layer.kernel) == 0 for layer in model.layers if hasattr(layer, "kernel")}
+    qat = kerasq.quantize_model(model, preserve_sparsity=True)
+    qat.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train[:256], y_train[:256], epochs=2, verbose=0)  # a large rate would regrow them at once
+    for name, mask in zeros.items():
+        kernel = np.asarray(qat.get_layer(f"quant_{name}").layer.kernel)
+        assert np.all(kernel[mask] == 0), name
+    # .keras files keep the constraint: training after loading keeps the zeros too.
+    path = str(tmp_path / "sparse_qat.keras")
+    qat.save(path)
+    loaded = keras.models.load_model(path)
+    loaded.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loaded.fit(x_train[:64], y_train[:64], epochs=1, verbose=0)
+    assert np.all(np.asarray(loaded.get_layer("quant_conv").layer.kernel)[zeros["conv"]] == 0)
+    # The int8 file holds the zeros: every conv and dense weight tensor is at least 70% zeros.
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    int8_weights = [w for w in tflite.weights().values() if w.dtype == np.int8 and w.ndim >= 2]
+    assert len(int8_weights) == 3
+    assert all(np.mean(w == 0) >= 0.7 for w in int8_weights)
+    # Without the option the optimizer regrows them.
+    plain = kerasq.quantize_model(model)
+    plain.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.fit(x_train[:256], y_train[:256], epochs=1, verbose=0)
+    assert not np.all(np.asarray(plain.get_layer("quant_conv").layer.kernel)[zeros["conv"]] == 0)

@@ -93,6 +93,32 @@ def read_graph(content):
     return Graph(ops, tensors, _ints(subgraph, "Inputs"), _ints(subgraph, "Outputs"), signature, model.SubgraphsLength())
 
 
+_NUMPY_TYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+                "float32": np.float32, "float16": np.float16}
+
+
+def constant_values(content):
+    """{tensor index: numpy array} of the main subgraph's constant tensors (weights, biases)."""
+    schema = litert_schema()
+    model = schema.Model.GetRootAs(content, 0)
+    subgraph = model.Subgraphs(0)
+    type_names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    values = {}
+    for i in range(subgraph.TensorsLength()):
+        tensor = subgraph.Tensors(i)
+        dtype = _NUMPY_TYPES.get(type_names.get(tensor.Type(), ""))
+        if dtype is None or tensor.Buffer() >= model.BuffersLength():
+            continue
+        buffer = model.Buffers(tensor.Buffer())
+        if buffer.DataLength() == 0:
+            continue
+        shape = tuple(int(d) for d in _ints(tensor, "Shape"))
+        data = np.frombuffer(buffer.DataAsNumpy().tobytes(), dtype=dtype)
+        if data.size == int(np.prod(shape)):
+            values[i] = data.reshape(shape)
+    return values
+
+
 def reorder_io(content, input_order, output_order):
     """Returns a copy of `content` whose main subgraph lists its input/output tensors in the given order.
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from kerasq.export.flatbuffer import TensorInfo, read_graph
+from kerasq.export.flatbuffer import TensorInfo, constant_values, read_graph
 from kerasq.validation import InputSpec, check_input_data, format_shape
 
 KERNELS = ("default", "reference", "builtin")
@@ -148,6 +148,12 @@ class TFLiteModel:
     def tensors(self):
         """Every tensor of the main subgraph as a `TensorInfo`."""
         return list(self._graph.tensors)
+
+    def weights(self):
+        """{tensor name: numpy array} of the file's constant tensors (weights, biases), as stored:
+        int8 weights stay int8 (multiply by the tensor's scales to get real values)."""
+        names = {t.index: t.name for t in self._graph.tensors}
+        return {names[index]: value for index, value in constant_values(self._content).items()}
 
     @property
     def float_tensors(self):

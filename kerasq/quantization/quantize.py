@@ -2,6 +2,7 @@
 
 import keras
 
+from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.layers import Quantize, QuantizeWrapper
@@ -9,7 +10,7 @@ from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
 
-def quantize_model(model, scheme="int8", skip=()):
+def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False):
     """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
 
     Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
@@ -23,6 +24,9 @@ def quantize_model(model, scheme="int8", skip=()):
         scheme: "int8" or a `kerasq.QuantizationScheme`.
         skip: layers to leave in float: names, layer classes, or a predicate `fn(layer) -> bool`.
             Their outputs are quantized again before the next quantized layer.
+        preserve_sparsity: keep every kernel weight that is zero now (a pruned model's, stripped or
+            still wrapped) at zero through training, so the exported file keeps the zeros: each such
+            kernel gets a `kerasq.constraints.KeepZeros` constraint, which saves with the model.
 
     Example:
     >>> import keras, kerasq
@@ -32,7 +36,10 @@ def quantize_model(model, scheme="int8", skip=()):
     >>> [type(layer).__name__ for layer in qat.layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper']
     """
-    return _quantize(model, get_scheme(scheme), _skip_predicate(skip), annotated_only=False)
+    quantized = _quantize(model, get_scheme(scheme), _skip_predicate(skip), annotated_only=False)
+    if preserve_sparsity:
+        _keep_zeros(quantized)
+    return quantized
 
 
 def quantize_annotate_layer(to_annotate, scheme=None):
@@ -389,6 +396,33 @@ def _skip_predicate(skip):
             )
     classes = tuple(classes)
     return lambda layer: layer.name in names or (bool(classes) and isinstance(layer, classes))
+
+
+_CONSTRAINT_ATTRIBUTES = {
+    "kernel": ("kernel_constraint", "depthwise_constraint"),
+    "depthwise_kernel": ("depthwise_constraint",),
+    "pointwise_kernel": ("pointwise_constraint",),
+    "embeddings": ("embeddings_constraint",),
+}
+
+
+def _keep_zeros(model):
+    """Gives each quantized kernel that holds zeros a KeepZeros constraint (in its layer's config
+    too, so it survives saving)."""
+    for wrapper in model.layers:
+        if not (isinstance(wrapper, QuantizeWrapper) and wrapper.handler.has_kernels):
+            continue
+        layer = wrapper.layer
+        for name in wrapper.handler.kernel_axes(layer):
+            variable = getattr(layer, name)
+            mask = keras.ops.convert_to_numpy(variable) != 0
+            if mask.all():
+                continue
+            attribute = next((a for a in _CONSTRAINT_ATTRIBUTES.get(name, ()) if hasattr(layer, a)), None)
+            constraint = KeepZeros(mask, inner=getattr(layer, attribute, None) if attribute else None)
+            variable.constraint = constraint
+            if attribute is not None:
+                setattr(layer, attribute, constraint)
 
 
 def _unannotated(layer):
