@@ -314,8 +314,11 @@ def test_int8_conversion_error_suggests_leaving_the_layer_in_float():
     assert isinstance(error, ExportError)
     text = str(error)
     assert "op foo (in layer 'my_layer') has no int8 support" in text
-    assert "quantize_model(model, skip=['my_layer'])" in text
+    assert "quantize_model(model, skip=['my_layer'])" in text and "without representative_data" in text
     assert text.endswith("Converter said: Quantization not yet supported for op: 'tfl.foo'")
+    # A QAT export used no calibration data: its advice does not mention any.
+    qat_text = str(conversion_error(model, "qat", RuntimeError(message), log=""))
+    assert "skip=['my_layer']" in qat_text and "representative_data" not in qat_text
 
 
 def test_qat_flatten_and_reshape_export_as_single_reshapes():

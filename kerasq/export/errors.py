@@ -45,10 +45,17 @@ def conversion_error(model, mode, error, log):
         )
     else:
         skip = f"skip={layers[:3]!r}" if layers else "skip=[<layer name>]"
-        advice = (
-            f" The {subject} has no int8 support: leave that layer in float with "
-            f"kerasq.quantize_model(model, {skip}), or export without representative_data for a float file."
-        )
+        # Advice names only options of the path the user took: QAT models have no calibration data.
+        if mode == "qat":
+            advice = (
+                f" The {subject} has no int8 support: leave that layer in float with "
+                f"kerasq.quantize_model(float_model, {skip})."
+            )
+        else:
+            advice = (
+                f" The {subject} has no int8 support: export without representative_data for a float "
+                f"file, or train with kerasq.quantize_model(model, {skip}) to leave that layer in float."
+            )
     return ExportError(
         f"Could not convert model '{model.name}' to TFLite ({_mode_text(mode)}).{advice}\nConverter said: {first}"
     )
