@@ -137,8 +137,12 @@ def test_report_flags():
     def output(floor_agreement, passed=True):
         return OutputParity("o", (10,), "steps", 0.1, 1.0, 0.0, 0.0, floor_agreement, 0.0, 0.0, passed)
 
-    assert not ParityReport([output(0.996)], 10, 100).fragile
-    assert ParityReport([output(0.99)], 10, 100).fragile
+    assert not ParityReport([output(0.996)], 10000, 100).fragile
+    assert ParityReport([output(0.99)], 10000, 100).fragile  # 100 of 10,000: clearly above 0.5%
+    # The same 1% on 450 samples is 4 or 5 flips: within sampling noise of 0.5%, so not flagged;
+    # 2% (9 flips) is.
+    assert not ParityReport([output(0.99)], 450, 100).fragile
+    assert ParityReport([output(0.98)], 450, 100).fragile
     assert not ParityReport([output(None)], 10, 100).fragile
     assert not ParityReport([output(1.0), output(1.0, passed=False)], 10, 100).passed
 
