@@ -16,13 +16,14 @@ identity layers (tfmot's QuantizeLayer). Every layer that cannot be made is coll
 `UnmappableLayersError` lists them all.
 
 Example:
+>>> import numpy as np
 >>> from kerasq.transfer.keras2_config import build_model
 >>> config = {"class_name": "Sequential", "config": {"name": "old", "layers": [
 ...     {"class_name": "Dense", "config": {"name": "dense", "units": 3, "activation": "relu",
 ...                                        "batch_input_shape": [None, 4], "dtype": "float32"}}]}}
 >>> model, layers = build_model(config)
->>> model.name, tuple(model.output.shape), sorted(layers)
-('old', (None, 3), ['dense'])
+>>> model.name, tuple(model(np.ones((1, 4), "float32")).shape), sorted(layers)
+('old', (1, 3), ['dense'])
 """
 
 import inspect
