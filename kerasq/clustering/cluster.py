@@ -162,6 +162,7 @@ def _cluster_model(model, options, groups, skip):
     codebooks = [Codebook(options["number_of_clusters"], name=f"codebook_{i}") for i in range(len(groups))]
     members = [[] for _ in groups]  # (wrapper, source layer) per group
     wrapped, seen_names = [], set()
+    pending = []  # (wrapper, source values, group): their clusters are assigned once they are built
 
     def substitute(layer, rewrite):
         if isinstance(layer, keras.Model) or not isinstance(layer, keras.layers.Layer):
@@ -183,11 +184,7 @@ def _cluster_model(model, options, groups, skip):
         codebook = codebooks[group] if group is not None else None
         wrapper = ClusterWeights(inner, codebook=codebook, name=rewrite.names.take(f"cluster_{plain.name}"), **options)
         wrapped.append(layer)
-        source = _source_values(layer)
-        if group is not None:
-            members[group].append((wrapper, source))
-        else:
-            _assign_clusters(rewrite, wrapper, source)
+        pending.append((wrapper, _source_values(layer), group))
         return wrapper
 
     rewrite = Rewrite(model, substitute, inline=False)
@@ -198,6 +195,11 @@ def _cluster_model(model, options, groups, skip):
             f"share_across names layers {unknown} that model '{model.name}' does not have; its layers "
             f"are {sorted(seen_names)}."
         )
+    for wrapper, source, group in pending:
+        if group is not None:
+            members[group].append((wrapper, source))
+        else:
+            _assign_clusters(rewrite, wrapper, source)
     for group, (codebook, entries) in enumerate(zip(codebooks, members)):
         if not entries:
             raise ValueError(f"share_across group {groups[group]} holds no clusterable layer (all skipped?).")

@@ -148,11 +148,12 @@ def quantize_preserving_clusters(model, scheme="int8", skip=(), max_clusters=256
 
 def clustered_kernels(model):
     """`{layer name: [weight names]}` of the kernels held on clusters by `ClusterConstraint`."""
-    found = {}
+    found, seen = {}, set()
     for layer in _all_layers(model):
         plain = wrappers.unwrap(layer)
-        if plain is layer and wrappers.is_wrapper(layer):
+        if id(plain) in seen:
             continue
+        seen.add(id(plain))
         for variable in getattr(plain, "trainable_weights", []):
             if isinstance(getattr(variable, "constraint", None), ClusterConstraint):
                 found.setdefault(plain.name, []).append(variable.path.split("/")[-1])

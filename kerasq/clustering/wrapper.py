@@ -18,6 +18,8 @@ Example:
 4
 """
 
+import uuid
+
 import keras
 import numpy as np
 from keras import ops
@@ -98,9 +100,23 @@ class Codebook(keras.layers.Layer):
     Inside `.keras` files the wrappers of a group keep sharing one codebook (Keras' object sharing).
     """
 
-    def __init__(self, number_of_clusters, **kwargs):
+    def __init__(self, number_of_clusters, key=None, **kwargs):
         super().__init__(**kwargs)
         self.number_of_clusters = check_number_of_clusters(number_of_clusters)
+        self.key = key or uuid.uuid4().hex
+
+    @classmethod
+    def from_config(cls, config):
+        # Keras marks only the second and later copies of a shared object in a saved config, so the
+        # wrappers of a group find their one codebook by its key, while a model is being loaded (Keras'
+        # object-sharing scope). Outside loading (a clone), each copy gets its own codebook.
+        shared = _loading_objects()
+        if shared is None:
+            return cls(**config)
+        key = ("kerasq.Codebook", config.get("key"))
+        if key not in shared:
+            shared[key] = cls(**config)
+        return shared[key]
 
     def build(self, input_shape=None):
         self.centroids = self.add_weight(name="centroids", shape=(self.number_of_clusters,), initializer="zeros")
@@ -110,7 +126,16 @@ class Codebook(keras.layers.Layer):
         return inputs
 
     def get_config(self):
-        return {**super().get_config(), "number_of_clusters": self.number_of_clusters}
+        return {**super().get_config(), "number_of_clusters": self.number_of_clusters, "key": self.key}
+
+
+def _loading_objects():
+    """The object map of the Keras object-sharing scope a `.keras` load runs in, or None."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:  # a Keras release that moved it: groups then load unshared
+        return None
+    return global_state.get_global_attribute("shared_objects/id_to_obj_map")
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
