@@ -55,14 +55,16 @@ def strip(layer, rewrite, **clone_options):
     return strip_fn(layer, rewrite, **clone_options)
 
 
-def strip_model(model):
-    """A new model with every feature wrapper stripped; `model` is not changed.
-
-    Nested models are kept whole; their wrappers are stripped too.
+def strip_model(model, only=None):
+    """A new model with every feature wrapper stripped (or only wrappers of the classes `only`);
+    `model` is not changed. Nested models are kept whole; their wrappers are stripped too.
     """
     from kerasq.graph.rewrite import Rewrite
 
-    return Rewrite(model, lambda layer, rewrite: strip(layer, rewrite) if is_wrapper(layer) else None,
+    def wanted(layer):
+        return is_wrapper(layer) and (only is None or isinstance(layer, only))
+
+    return Rewrite(model, lambda layer, rewrite: strip(layer, rewrite) if wanted(layer) else None,
                    inline=False).run()
 
 

@@ -4,6 +4,7 @@ import keras
 
 from kerasq import _keras_private
 from kerasq.graph import Rewrite, wrappers
+from kerasq.graph.selection import layer_predicate
 from kerasq.pruning.callbacks import pruning_layers
 from kerasq.pruning.schedules import ConstantSparsity, PolynomialDecay, PruningSchedule
 from kerasq.pruning.wrapper import PruneLowMagnitude, is_prunable
@@ -47,7 +48,7 @@ def prune_low_magnitude(
         regrow=regrow,
     )
     if isinstance(to_prune, keras.Model):
-        return _prune_model(to_prune, options, _skip_predicate(skip))
+        return _prune_model(to_prune, options, layer_predicate(skip))
     if isinstance(to_prune, (list, tuple)):
         return [_prune_layer(layer, options) for layer in to_prune]
     if isinstance(to_prune, keras.layers.Layer):
@@ -83,10 +84,7 @@ def strip_pruning(model):
             "with kerasq.prune_low_magnitude."
         )
 
-    def strip_pruning_wrapper(layer, rewrite):
-        return wrappers.strip(layer, rewrite) if isinstance(layer, PruneLowMagnitude) else None
-
-    return Rewrite(model, strip_pruning_wrapper, inline=False).run()
+    return wrappers.strip_model(model, only=PruneLowMagnitude)
 
 
 def prune_scope(*custom_objects):
@@ -147,20 +145,3 @@ def _prune_model(model, options, skip):
             "kerasq.graph.register_layer_facts."
         )
     return pruned
-
-
-def _skip_predicate(skip):
-    if callable(skip) and not isinstance(skip, type):
-        return skip
-    if isinstance(skip, (str, type)):
-        skip = [skip]
-    names, classes = set(), []
-    for entry in skip:
-        if isinstance(entry, str):
-            names.add(entry)
-        elif isinstance(entry, type):
-            classes.append(entry)
-        else:
-            raise TypeError(f"skip takes layer names, layer classes or a predicate; got {entry!r}.")
-    classes = tuple(classes)
-    return lambda layer: layer.name in names or (bool(classes) and isinstance(layer, classes))

@@ -4,6 +4,7 @@ import keras
 
 from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
+from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.layers import Quantize, QuantizeWrapper
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
@@ -36,7 +37,7 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False):
     >>> [type(layer).__name__ for layer in qat.layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper']
     """
-    quantized = _quantize(model, get_scheme(scheme), _skip_predicate(skip), annotated_only=False)
+    quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False)
     if preserve_sparsity:
         _keep_zeros(quantized)
     return quantized
@@ -377,25 +378,6 @@ def _unsupported_message(nodes):
         f"Leave them in float with kerasq.quantize_model(model, skip={names}), or tell kerasq how "
         "to quantize their class with kerasq.register_handler(LayerClass, handler)."
     )
-
-
-def _skip_predicate(skip):
-    if callable(skip) and not isinstance(skip, type):
-        return skip
-    if isinstance(skip, (str, type)):
-        skip = [skip]
-    names, classes = set(), []
-    for entry in skip:
-        if isinstance(entry, str):
-            names.add(entry)
-        elif isinstance(entry, type):
-            classes.append(entry)
-        else:
-            raise TypeError(
-                f"skip takes layer names, layer classes or a predicate; got {entry!r}."
-            )
-    classes = tuple(classes)
-    return lambda layer: layer.name in names or (bool(classes) and isinstance(layer, classes))
 
 
 _CONSTRAINT_ATTRIBUTES = {
