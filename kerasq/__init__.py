@@ -41,7 +41,7 @@ from kerasq.pruning import (
     prune_scope,
     strip_pruning,
 )
-from kerasq import clustering
+from kerasq import clustering, distillation
 from kerasq.clustering import (
     CentroidInitialization,
     ClusterableLayer,
@@ -50,5 +50,6 @@ from kerasq.clustering import (
     cluster_weights,
     strip_clustering,
 )
+from kerasq.distillation import Distiller
 
 __version__ = "0.1.0"
