@@ -125,6 +125,7 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch, kernel_manager)
         timeout=CELL_TIMEOUT,
         resources={"metadata": {"path": str(workdir)}},
     )
+    failure = None
     with client.setup_kernel():
         for index, cell in enumerate(notebook.cells):
             if cell.cell_type != "code":
@@ -133,10 +134,11 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch, kernel_manager)
                 client.execute_cell(cell, index)
             except (CellControlSignal, CellTimeoutError, DeadKernelError, RuntimeError) as error:
                 first_line = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-                pytest.fail(
-                    f"{path.name}, cell {index} ({first_line!r}) failed:\n{_plain(str(error))}", pytrace=False
-                )
+                failure = f"{path.name}, cell {index} ({first_line!r}) failed:\n{_plain(str(error))}"
+                break
         setup_output = _text_outputs(next(c for c in notebook.cells if c.cell_type == "code"))
+    if failure:
+        pytest.fail(failure, pytrace=False)
     # Here kerasq is installed (the test's environment): the setup cell must find it and do nothing.
     assert "is installed" in setup_output and "Installing kerasq" not in setup_output, (
         f"{path.name}: the setup cell did not find the installed kerasq:\n{setup_output}"
