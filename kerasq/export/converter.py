@@ -1,10 +1,12 @@
 """`export_tflite`: a Keras 3 model (TensorFlow backend) to a .tflite flatbuffer.
 
-Three modes, picked from the model and the arguments:
+With `mode=None` the kind of file is picked from the model and the arguments:
 - a model that simulates int8 (a QAT model, or any model with fake-quant ops): full int8 conversion,
   no calibration data needed;
 - a float model with `representative_data`: post-training full-integer quantization;
 - a float model alone: a float32 file.
+`mode="int8"`, `"float32"`, `"float16"` or `"dynamic"` asks for one kind and fails with the fix when
+the model cannot give it (see `kerasq.export.modes`).
 
 Example:
 >>> import os, tempfile
@@ -18,6 +20,7 @@ Example:
 b'TFL3'
 """
 
+import contextlib
 import tempfile
 import warnings
 
@@ -28,6 +31,7 @@ from kerasq.export.calibration import calibration_samples, representative_datase
 from kerasq.export.errors import ExportError, conversion_error, type_text
 from kerasq.export.files import write_atomic
 from kerasq.export.flatbuffer import read_graph, reorder_io_by_name
+from kerasq.export.modes import MODES, check_io_types, configure, mode_text, resolve_mode
 from kerasq.export.quiet import quiet
 from kerasq.export.signature import input_names, output_names
 from kerasq.validation import input_specs, pack_inputs
@@ -35,13 +39,22 @@ from kerasq.validation import input_specs, pack_inputs
 _TYPES = {"int8": "int8", "int16": "int16", "float32": "float32"}
 
 
-def export_tflite(model, path=None, *, representative_data=None, input_type=None, output_type=None):
+def export_tflite(model, path=None, *, mode=None, representative_data=None, input_type=None, output_type=None):
     """Converts a Keras model to .tflite, writes it to `path` (if given) and returns the bytes.
 
     Args:
         model: a built Keras 3 model (Functional, Sequential, or subclassed with `inputs`).
         path: where to write the file; parent folders are created and an existing file is replaced
             atomically (never left half-written).
+        mode: the kind of file. `None` (the default) picks it: fully int8 for a model that simulates
+            int8 (`kerasq.quantize_model`), post-training int8 for a float model with
+            `representative_data`, float32 for a float model alone. `"int8"`: a fully int8 file (a
+            float model then needs `representative_data`). `"float32"`: a float model as it is.
+            `"float16"`: float16 weights, float32 inputs, outputs and CPU compute (half the size;
+            GPU delegates compute in half precision). `"dynamic"`: dynamic-range quantization, int8
+            weights and float activations, no calibration data (a quarter of the size; the
+            converter keeps weights under 1,024 values in float). `"float32"`, `"float16"` and
+            `"dynamic"` are for float models: a QAT model exports to int8 only.
         representative_data: calibration inputs for post-training int8 quantization of a float model:
             an array, a list/tuple of arrays (multi-input, in `model.inputs` order), or an iterable of
             such batches (a generator, a `tf.data.Dataset`; `(x, y)` batches are fine). Up to
@@ -65,8 +78,13 @@ def export_tflite(model, path=None, *, representative_data=None, input_type=None
     ...     content = kerasq.export_tflite(qat_model, os.path.join(folder, "model_int8.tflite"))
     >>> kerasq.TFLiteModel(content).is_fully_integer
     True
+    >>> half = kerasq.TFLiteModel(kerasq.export_tflite(model, mode="float16"))  # the float model
+    >>> sorted({w.dtype.name for w in half.weights().values() if w.ndim > 1})  # the kernels
+    ['float16']
     """
     _check_model(model)
+    if mode not in MODES:
+        resolve_mode(mode, quantized=False, has_data=False)  # raises the ValueError before any tracing
     model = hooks.prepare(model)
     specs = input_specs(model)
     tf_names = input_names(model, specs)
@@ -74,10 +92,11 @@ def export_tflite(model, path=None, *, representative_data=None, input_type=None
     fn = _serving_function(model, specs, tf_names, out_names)
     with hooks.tracing():
         quantized = _is_quantized(model, fn)
-        mode = "qat" if quantized else ("ptq" if representative_data is not None else "float")
-        default = "float32" if mode == "float" else "int8"
+        mode = resolve_mode(mode, quantized=quantized, has_data=representative_data is not None)
+        default = "int8" if mode in ("qat", "ptq") else "float32"
         in_type = _resolve_type(input_type, default, "input_type", mode)
         out_type = _resolve_type(output_type, default, "output_type", mode)
+        check_io_types(mode, in_type, out_type)
         calibration = None
         if representative_data is not None:
             calibration = calibration_samples(representative_data, specs)
@@ -86,7 +105,7 @@ def export_tflite(model, path=None, *, representative_data=None, input_type=None
         content = reorder_io_by_name(content, tf_names, out_names)
     except KeyError as missing:
         raise ExportError(f"The converted file has no signature entry {missing}; cannot order its inputs/outputs.")
-    if mode != "float":
+    if mode in ("qat", "ptq"):
         _warn_if_float_ops(content)
     if path is not None:
         write_atomic(path, content)
@@ -104,17 +123,44 @@ def _convert(model, fn, mode, calibration, tf_names, in_type, out_type):
             archive.add_endpoint("serving_default", fn)
             archive.write_out(tmp, verbose=False)
             converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
-            if mode != "float":
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                converter.inference_input_type = tf.as_dtype(in_type)
-                converter.inference_output_type = tf.as_dtype(out_type)
-            if mode == "ptq":
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            configure(converter, mode, in_type, out_type)
             if calibration is not None:
-                converter.representative_dataset = representative_dataset(calibration, tf_names)
+                converter.representative_dataset = _with_progress(representative_dataset(calibration, tf_names))
             return converter.convert()
         except Exception as error:
+            if mode in ("float16", "dynamic"):  # the advice for float files; the mode in the message
+                text = str(conversion_error(model, "float", error, log.text()))
+                raise ExportError(text.replace("(float32)", f"({mode_text(mode)})", 1)) from error
             raise conversion_error(model, mode, error, log.text()) from error
+
+
+_calibration_progress = None  # see calibration_progress()
+
+
+@contextlib.contextmanager
+def calibration_progress(callback):
+    """Calls `callback(done, total)` as the converter consumes each calibration sample during the
+    `export_tflite` calls in the block (the command line draws a progress bar with it)."""
+    global _calibration_progress
+    previous, _calibration_progress = _calibration_progress, callback
+    try:
+        yield
+    finally:
+        _calibration_progress = previous
+
+
+def _with_progress(feed):
+    callback = _calibration_progress
+    if callback is None:
+        return feed
+
+    def fed():
+        samples = list(feed())
+        for i, sample in enumerate(samples):
+            yield sample
+            callback(i + 1, len(samples))
+
+    return fed
 
 
 def _serving_function(model, specs, tf_names, out_names):

@@ -1,0 +1,100 @@
+"""The export modes of `export_tflite`: which kind of file a model and the arguments give, and the
+converter settings for each.
+
+`mode` is what the user asks for; the converter runs one of five internal modes:
+- "qat": a model that simulates int8 (QAT, fake-quant ops) to a fully int8 file, no calibration;
+- "ptq": a float model with representative data to a post-training fully int8 file;
+- "float": a float model to a float32 file;
+- "float16": a float model to a file with float16 weights (float32 compute; GPU delegates run it in
+  half precision), about half the size of the float32 file;
+- "dynamic": a float model to a dynamic-range quantized file: int8 weights, float activations
+  (the kernels quantize activations on the fly), about a quarter of the size, no calibration.
+
+Example:
+>>> from kerasq.export.modes import resolve_mode
+>>> resolve_mode(None, quantized=False, has_data=True), resolve_mode("float16", quantized=False, has_data=False)
+('ptq', 'float16')
+>>> resolve_mode("int8", quantized=False, has_data=False)
+Traceback (most recent call last):
+...
+ValueError: mode='int8' for a float model needs calibration inputs: pass representative_data= ... or export a quantization-aware model (kerasq.quantize_model(model)), which needs none.
+"""
+
+MODES = (None, "int8", "float32", "float16", "dynamic")
+FLOAT_OUTPUT_MODES = ("float", "float16", "dynamic")  # files that take and return float32 only
+
+_TEXT = {
+    "qat": "quantization-aware int8",
+    "ptq": "post-training int8",
+    "float": "float32",
+    "float16": "float16 weights",
+    "dynamic": "dynamic-range int8 weights",
+}
+
+
+def mode_text(mode):
+    """A few words for an internal mode, as messages and the command line print it."""
+    return _TEXT[mode]
+
+
+def resolve_mode(mode, *, quantized, has_data):
+    """The internal mode for the `mode` argument of `export_tflite`, a model that simulates int8 or not
+    (`quantized`), and whether `representative_data` was given; a `ValueError` naming the fix for a
+    combination that cannot work."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}.")
+    if mode is None:
+        return "qat" if quantized else ("ptq" if has_data else "float")
+    if mode == "int8":
+        if quantized:
+            return "qat"
+        if not has_data:
+            raise ValueError(
+                "mode='int8' for a float model needs calibration inputs: pass representative_data= (a few "
+                "hundred typical model inputs, e.g. x_train) for post-training int8, or export a "
+                "quantization-aware model (kerasq.quantize_model(model)), which needs none."
+            )
+        return "ptq"
+    internal = "float" if mode == "float32" else mode
+    if quantized:
+        raise ValueError(
+            f"mode={mode!r} is for float models; this model simulates int8 (kerasq.quantize_model or "
+            "fake-quant ops) and exports only to int8: use mode='int8' (or None), or export the float "
+            f"model it was made from with mode={mode!r}."
+        )
+    if has_data:
+        raise ValueError(
+            f"mode={mode!r} takes no representative_data (calibration is for full int8): drop it, or use "
+            "mode='int8' for a fully integer file."
+        )
+    return internal
+
+
+def check_io_types(mode, in_type, out_type):
+    """Float files (float32, float16, dynamic-range) take and return float32 only."""
+    if mode not in FLOAT_OUTPUT_MODES or mode == "float":
+        return  # int8 files take either; float32 files are checked with their own advice
+    for what, name in (("input_type", in_type), ("output_type", out_type)):
+        if name != "float32":
+            raise ValueError(
+                f"{what}={name!r}: a file with {mode_text(mode)} takes and returns float32; integer inputs "
+                "and outputs need a fully int8 file (mode='int8')."
+            )
+
+
+def configure(converter, mode, in_type, out_type):
+    """Sets the `tf.lite.TFLiteConverter` options of `mode` (calibration data is set by the caller)."""
+    import tensorflow as tf
+
+    if mode == "float":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    if mode == "dynamic":
+        return  # Optimize.DEFAULT without a representative dataset: dynamic-range quantization
+    converter.inference_input_type = tf.as_dtype(in_type)
+    converter.inference_output_type = tf.as_dtype(out_type)
+    if mode == "ptq":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
