@@ -146,10 +146,10 @@ def main():
         for seed in args.seeds:
             results[name].append(run_seed(name, seed))
             print(f"{name} seed {seed} done after {time.time() - start:.0f} s", flush=True)
-    text = table(results, args.seeds)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        f.write(text + "\n")
+        text = table(results, args.seeds)  # written after each model, so a long run keeps what it has
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
     print(text)
 
 
