@@ -7,7 +7,8 @@ On the handwritten digits that ship with scikit-learn (nothing is downloaded), t
    exports it as a fully int8 file,
 4. runs every file with LiteRT: accuracy, single-sample latency, size, and parity with its Keras model
    (`kerasq.verify_tflite`),
-and prints one table with the figures.
+and prints one table with the figures, and draws it as a figure (kerasq_demo.png, when matplotlib is
+installed).
 
 Example (one epoch each; the defaults, 12 and 3, take about 15 seconds on two CPU cores):
 >>> import tempfile
@@ -39,6 +40,7 @@ FILES = {
     "qat": "model_qat_int8.tflite",
 }
 QAT_KERAS_FILE = "model_qat.keras"
+FIGURE_FILE = "kerasq_demo.png"
 ROW_NAMES = {"float": "float32", "ptq": "PTQ int8", "qat": "QAT int8"}
 STEPS = 5
 
@@ -72,6 +74,7 @@ def run_demo(
     qat_epochs=DEFAULT_QAT_EPOCHS,
     seed=0,
     log=print,
+    progress=None,
 ):
     """Runs the demo, writes its files to `output_dir`, prints progress and a table with `log`.
 
@@ -82,13 +85,17 @@ def run_demo(
         qat_epochs: quantization-aware fine-tuning epochs.
         seed: seeds Python, NumPy and the backend (`keras.utils.set_random_seed`).
         log: called with each line of output (`print` by default).
+        progress: None, or a progress bar class called as `progress(label, total)`, whose instances
+            have `update(done)` and `close()` (the command line passes `kerasq.cli.common.Progress`):
+            one bar per training and for the LiteRT runs.
 
     Returns:
         A dict: for each of "float", "ptq" and "qat", a dict with `keras_accuracy` (None for PTQ, which
         has no Keras model of its own), `tflite_accuracy`, `size_bytes`, `size_kb`, `latency_ms`,
         `agreement`, `max_steps`, `floor_max_steps`, `floor_agreement`, `parity_passed`,
         `fully_integer` and `path`; plus `table` and `comparison` (the printed text), `qat_minus_ptq` and
-        `qat_minus_float` (differences of the files' accuracies, as fractions), `output_dir` and `seconds`.
+        `qat_minus_float` (differences of the files' accuracies, as fractions), `output_dir`, `seconds`,
+        and `figure` (the path of the PNG figure, or None without matplotlib).
     """
     import keras
 
@@ -111,7 +118,7 @@ def run_demo(
 
     log(f"[1/{STEPS}] training the float model ({epochs} epochs, Adam {LEARNING_RATE:g} with cosine decay) ...")
     float_model = build_model(x_train.shape[1:])
-    _train(float_model, x_train, y_train, epochs, LEARNING_RATE, log)
+    _train(float_model, x_train, y_train, epochs, LEARNING_RATE, log, progress, "training")
     float_keras = _keras_accuracy(float_model, x_test, y_test)
     log(f"      float accuracy (Keras): {_pct(float_keras)}")
 
@@ -124,7 +131,7 @@ def run_demo(
         f"({qat_epochs} epochs, Adam {QAT_LEARNING_RATE:g} with cosine decay) ..."
     )
     qat_model = kerasq.quantize_model(float_model)
-    _train(qat_model, x_train, y_train, qat_epochs, QAT_LEARNING_RATE, log)
+    _train(qat_model, x_train, y_train, qat_epochs, QAT_LEARNING_RATE, log, progress, "QAT fine-tuning")
     qat_keras = _keras_accuracy(qat_model, x_test, y_test)
     log(f"      QAT accuracy (Keras, int8 simulation): {_pct(qat_keras)}")
     qat_model.save(os.path.join(output_dir, QAT_KERAS_FILE))
@@ -136,7 +143,8 @@ def run_demo(
     keras_models = {"float": float_model, "ptq": float_model, "qat": qat_model}
     keras_accuracy = {"float": float_keras, "ptq": None, "qat": qat_keras}
     figures = {}
-    for key in FILES:
+    bar = progress("running the files", len(FILES)) if progress else None
+    for done, key in enumerate(FILES, 1):
         tflite = kerasq.TFLiteModel(paths[key])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # fragility is shown in the table instead
@@ -159,18 +167,28 @@ def run_demo(
             "fragile": report.fragile,
             "fully_integer": tflite.is_fully_integer,
         }
+        if bar:
+            bar.update(done)
+    if bar:
+        bar.close()
 
     table = format_table(figures)
     qat_minus_ptq = figures["qat"]["tflite_accuracy"] - figures["ptq"]["tflite_accuracy"]
     qat_minus_float = figures["qat"]["tflite_accuracy"] - figures["float"]["tflite_accuracy"]
     comparison = format_comparison(figures, len(x_test))
+    figure = save_figure(figures, os.path.join(output_dir, FIGURE_FILE))
     seconds = time.perf_counter() - start
     log("")
     log(table)
     log("")
     log(comparison)
+    if figure is None:
+        log("Skipped the figure: matplotlib is not installed (pip install matplotlib draws the table as a PNG).")
+    else:
+        log(f"Figure of the table: {figure}")
     log(f"Files in {output_dir}/ ({seconds:.0f} s). Inspect one with: kerasq inspect {paths['qat']}")
     figures.update(
+        figure=figure,
         table=table,
         comparison=comparison,
         qat_minus_ptq=qat_minus_ptq,
@@ -179,6 +197,36 @@ def run_demo(
         output_dir=output_dir,
     )
     return figures
+
+
+def save_figure(figures, path):
+    """Draws the table's accuracy, size and latency of the three files as bars in a PNG at `path`;
+    returns `path`, or None (and writes nothing) when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    names = list(ROW_NAMES.values())
+    colors = ["#8c8c8c", "#e69f00", "#0072b2"]
+    panels = [
+        ("TFLite accuracy (%)", [100 * figures[k]["tflite_accuracy"] for k in ROW_NAMES], "{:.2f}"),
+        ("size (KB)", [figures[k]["size_kb"] for k in ROW_NAMES], "{:.1f}"),
+        ("latency (ms, median)", [figures[k]["latency_ms"] for k in ROW_NAMES], "{:.3f}"),
+    ]
+    figure = Figure(figsize=(10, 3.4), layout="constrained")  # no pyplot: no global state, no display
+    FigureCanvasAgg(figure)
+    for axes, (title, values, fmt) in zip(figure.subplots(1, 3), panels):
+        bars = axes.bar(names, values, color=colors)
+        axes.set_title(title)
+        axes.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+        axes.margins(y=0.15)
+        if title.startswith("TFLite accuracy"):
+            low = min(values)
+            axes.set_ylim(max(0.0, low - 5), 100.5)
+    figure.suptitle("kerasq demo: float32 vs post-training int8 vs quantization-aware int8 (digits, LiteRT)")
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def format_comparison(figures, num_test):
@@ -217,8 +265,9 @@ def format_table(figures):
     return "\n".join(lines)
 
 
-def _train(model, x, y, epochs, learning_rate, log):
-    """Compiles `model` (Adam, cosine-decayed learning rate) and fits it, one log line per epoch."""
+def _train(model, x, y, epochs, learning_rate, log, progress=None, label="training"):
+    """Compiles `model` (Adam, cosine-decayed learning rate) and fits it, one log line per epoch (and a
+    progress bar over the batches with `progress`)."""
     import keras
 
     steps = epochs * -(-len(x) // BATCH_SIZE)
@@ -229,8 +278,22 @@ def _train(model, x, y, epochs, learning_rate, log):
         metrics=["accuracy"],
     )
 
+    batches = -(-len(x) // BATCH_SIZE)
+
     class _EpochLog(keras.callbacks.Callback):
+        bar = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if progress:
+                self.bar = progress(f"{label} epoch {epoch + 1}/{epochs}", batches)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.bar:
+                self.bar.update(batch + 1)
+
         def on_epoch_end(self, epoch, logs=None):
+            if self.bar:
+                self.bar.close()
             logs = logs or {}
             log(f"      epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f}, "
                 f"train accuracy {_pct(logs.get('accuracy'))}")
