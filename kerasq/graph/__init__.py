@@ -25,6 +25,7 @@ from kerasq.graph.reader import LayerGraph, Node, TensorRef
 from kerasq.graph.registry import ClassRegistry, Registration
 from kerasq.graph.reindex import reindex_channels
 from kerasq.graph.rewrite import Rewrite, UniqueNames
+from kerasq.graph.variables import replaced_variables
 from kerasq.graph.weights import (
     Transform,
     WeightMap,

@@ -79,6 +79,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs=None):
+        if keras.backend.backend() == "jax":
+            # JAX's fit carries the model's state from batch to batch outside the variables, so masks
+            # recomputed between batches would not reach the training step.
+            raise NotImplementedError(
+                "Pruning with fit does not run on the JAX backend yet: prune on the TensorFlow backend "
+                "(KERAS_BACKEND=tensorflow), or train the pruned, stripped model on JAX with "
+                "kerasq.quantize_model(stripped, preserve_sparsity=True) to keep its zeros."
+            )
         self._layers = pruning_layers(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):

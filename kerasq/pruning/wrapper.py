@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kerasq.graph import layer_facts, wrappers
+from kerasq.graph.variables import replaced_variables
 from kerasq.pruning import masks as masks_lib
 from kerasq.pruning.schedules import ConstantSparsity, PruningSchedule
 
@@ -154,7 +155,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             # run again (with the callback) afterwards.
             _assert_advanced(self.pruning_step, NOT_ADVANCED.format(name=self.name))
         mapping = [(variable, self._masked(variable, mask)) for _, variable, mask in self._pruned]
-        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+        with replaced_variables(self.layer, mapping):
             return self.layer(inputs, *args, training=training, **kwargs)
 
     def _masked(self, variable, mask):
@@ -252,9 +253,22 @@ wrappers.register_wrapper(PruneLowMagnitude, strip_prune_low_magnitude)
 
 
 def _assert_advanced(step, message):
-    import tensorflow as tf
+    """Fails the running step when `step` is still negative, on whichever backend runs it."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    tf.debugging.assert_greater_equal(step, tf.constant(0, step.dtype), message=message)
+        tf.debugging.assert_greater_equal(step, tf.constant(0, step.dtype), message=message)
+    elif backend == "jax":
+        import jax
+
+        def check(value):
+            if value < 0:
+                raise RuntimeError(message)
+
+        jax.debug.callback(check, keras.ops.convert_to_tensor(step))
+    elif int(keras.ops.convert_to_numpy(step)) < 0:  # eager backends (PyTorch)
+        raise RuntimeError(message)
 
 
 def _attribute_name(layer, variable):

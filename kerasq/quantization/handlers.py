@@ -19,6 +19,7 @@ from keras import layers, ops
 from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
+from kerasq.graph.variables import replaced_variables
 
 QUANTIZE = "quantize"
 PASS_THROUGH = "pass_through"
@@ -271,7 +272,7 @@ class FactsKernelHandler(KernelHandler):
 
     def linear(self, layer, inputs, kernels, bias):
         mapping = [(getattr(layer, name), value) for name, value in kernels.items()]
-        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+        with replaced_variables(layer, mapping):
             return layer.call(inputs)
 
     def can_fold(self, layer):

@@ -252,12 +252,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         training does.
         """
         bn = self.batchnorm
-        gamma = bn.gamma if bn.scale else ops.ones_like(bn.moving_variance)
-        beta = bn.beta if bn.center else ops.zeros_like(bn.moving_mean)
-        bias = bias if bias is not None else ops.zeros_like(bn.moving_mean)
-        scale = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
+        gamma, beta = batchnorm_affine(bn)
+        bias = bias if bias is not None else ops.zeros(bn.moving_mean.shape)
+        scale, folded_bias = batchnorm_fold(bn, bias)
         folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
-        folded_bias = beta + (bias - bn.moving_mean) * scale
         freeze = self.scheme.freeze_batchnorm
         if not training or not bn.trainable or freeze is True:
             return self._linear(inputs, folded, folded_bias, ranges, training)
@@ -333,6 +331,21 @@ class QuantizeWrapper(keras.layers.Wrapper):
 def _freezes_after_steps(freeze_batchnorm):
     """True when `freeze_batchnorm` is a step count rather than always (True) or never (False)."""
     return not isinstance(freeze_batchnorm, bool)
+
+
+def batchnorm_affine(bn):
+    """`(gamma, beta)` of a BatchNormalization, ones and zeros where it has none."""
+    gamma = bn.gamma if bn.scale else ops.ones(bn.moving_variance.shape)
+    beta = bn.beta if bn.center else ops.zeros(bn.moving_mean.shape)
+    return gamma, beta
+
+
+def batchnorm_fold(bn, bias):
+    """`(scale, folded_bias)` that fold `bn`, with its moving statistics, into the layer before it:
+    that layer's kernel times `scale` per output channel, and `folded_bias` in place of `bias`."""
+    gamma, beta = batchnorm_affine(bn)
+    scale = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
+    return scale, beta + (bias - bn.moving_mean) * scale
 
 
 def _call_suffix(index):

@@ -6,7 +6,7 @@ from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
-from kerasq.quantization.layers import Quantize, QuantizeWrapper
+from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
@@ -420,14 +420,12 @@ def _strip_quantize_wrapper(wrapper, rewrite, **clone_options):
         return wrappers.strip(layer, rewrite, **clone_options)
     handler, bn = wrapper.handler, wrapper.batchnorm
     clone = rewrite.clone(layer, copy_weights=False, use_bias=True, **clone_options)
-    gamma = bn.gamma if bn.scale else keras.ops.ones_like(bn.moving_variance)
-    beta = bn.beta if bn.center else keras.ops.zeros_like(bn.moving_mean)
-    scale = gamma * keras.ops.rsqrt(bn.moving_variance + bn.epsilon)
-    bias = layer.bias if getattr(layer, "use_bias", False) else keras.ops.zeros_like(bn.moving_mean)
+    bias = layer.bias if getattr(layer, "use_bias", False) else keras.ops.zeros(bn.moving_mean.shape)
+    scale, folded_bias = batchnorm_fold(bn, bias)
     kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
     for name, value in handler.fold_scale(layer, kernels, scale).items():
         rewrite.weights.assign(clone, name, lambda value=value: value)
-    rewrite.weights.assign(clone, "bias", lambda: beta + (bias - bn.moving_mean) * scale)
+    rewrite.weights.assign(clone, "bias", lambda: folded_bias)
     return clone
 
 

@@ -1,0 +1,106 @@
+"""Training on the JAX backend, exporting through the TensorFlow one: kerasq QAT models (sparse ones
+included) train under KERAS_BACKEND=jax, save as .keras, and load here (TensorFlow backend) to export
+a .tflite file that matches them."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kerasq
+from kerasq.data import load_digits
+
+TRAIN_ON_JAX = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["KERAS_BACKEND"] = "jax"
+    import keras, numpy as np
+    import kerasq
+    from kerasq.data import load_digits
+
+    folder = sys.argv[1]
+    keras.utils.set_random_seed(0)
+    (x, y), (x_test, _) = load_digits()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(16, 3, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.9),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10),
+    ])
+    model.compile(keras.optimizers.Adam(3e-3), loss)
+    model.fit(x, y, epochs=10, verbose=0)
+    float_accuracy = float(np.mean(np.argmax(model.predict(load_digits()[1][0], verbose=0), -1) == load_digits()[1][1]))
+
+    qat = kerasq.quantize_model(model)
+    qat.compile(keras.optimizers.Adam(3e-4), loss, metrics=["accuracy"])
+    qat.fit(x, y, epochs=1, verbose=0)
+    qat.save(os.path.join(folder, "qat.keras"))
+    np.save(os.path.join(folder, "qat_predictions.npy"), np.asarray(qat.predict(x_test, verbose=0)))
+
+    pruned = kerasq.prune_low_magnitude(model, kerasq.ConstantSparsity(0.6, 0, frequency=5))
+    pruned.compile(keras.optimizers.Adam(1e-3), loss)
+    try:
+        pruned.fit(x, y, epochs=1, verbose=0, callbacks=[kerasq.UpdatePruningStep()])
+        raise AssertionError("pruning with fit on JAX should say it is not supported")
+    except NotImplementedError as error:
+        assert "JAX backend" in str(error)
+    kerasq.pruning.step(pruned)  # masks computed eagerly, then sparse QAT trained on JAX
+    sparse_qat = kerasq.quantize_model(kerasq.strip_pruning(pruned), preserve_sparsity=True)
+    sparse_qat.compile(keras.optimizers.Adam(1e-3), loss)
+    sparse_qat.fit(x, y, epochs=1, verbose=0)
+    sparse_qat.save(os.path.join(folder, "sparse_qat.keras"))
+    with open(os.path.join(folder, "backend.json"), "w") as f:
+        json.dump({"backend": keras.backend.backend(), "float_accuracy": float_accuracy,
+                   "qat_accuracy": float(qat.evaluate(*load_digits()[1], verbose=0)[1])}, f)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def trained_on_jax(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", TRAIN_ON_JAX, str(folder)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder
+
+
+def test_qat_model_trained_on_jax_exports_and_matches_its_file(trained_on_jax):
+    import keras
+
+    info = json.loads((trained_on_jax / "backend.json").read_text())
+    assert info["backend"] == "jax" and info["float_accuracy"] > 0.8
+    # QAT on JAX learns as on TensorFlow: no worse than float, less a few test images of CPU noise.
+    assert info["qat_accuracy"] >= info["float_accuracy"] - 3 / 450
+    qat = keras.models.load_model(trained_on_jax / "qat.keras")
+    (_, _), (x_test, _) = load_digits()
+    # Same weights and ranges on the other backend: the fake-quantized logits agree to float rounding
+    # (a value on a rounding edge may land one output step apart).
+    here = np.asarray(qat.predict(x_test, verbose=0))
+    there = np.load(trained_on_jax / "qat_predictions.npy")
+    assert np.mean(np.argmax(here, -1) == np.argmax(there, -1)) >= 0.99
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.is_fully_integer
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed, str(report)
+
+
+def test_sparse_qat_model_trained_on_jax_keeps_its_zeros_in_the_file(trained_on_jax):
+    import keras
+
+    sparse_qat = keras.models.load_model(trained_on_jax / "sparse_qat.keras")
+    kernels = [np.asarray(layer.layer.kernel) for layer in sparse_qat.layers if hasattr(getattr(layer, "layer", None), "kernel")]
+    # ConstantSparsity(0.6): every kernel of 100+ weights is 60% zeros, and stays so on JAX.
+    assert kernels and all(np.mean(kernel == 0) >= 0.595 for kernel in kernels if kernel.size >= 100)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(sparse_qat))
+    weights = [w for w in tflite.weights().values() if w.dtype == np.int8 and w.size >= 100]
+    assert weights and all(np.mean(w == 0) >= 0.595 for w in weights)
