@@ -369,3 +369,71 @@ def test_qat_composite_activations_export_fully_integer(activation, ops):
     assert tflite.is_fully_integer and set(tflite.ops) == {"FULLY_CONNECTED"} | ops
     report = verify_tflite(qat, tflite, x)
     assert report.passed and report.outputs[0].max_diff <= 1 + 1e-3, str(report)
+
+
+# ---- explicit modes: float16, dynamic range, and combinations that cannot work --------------------------
+def test_float16_mode_matches_keras_within_half_precision_weights(float_cnn, digits):
+    _, (x_test, _) = digits
+    content = export_tflite(float_cnn, mode="float16")
+    tflite = TFLiteModel(content)
+    kernels = [w for w in tflite.weights().values() if w.ndim > 1]
+    assert kernels and all(w.dtype == np.float16 for w in kernels)
+    assert "DEQUANTIZE" in tflite.ops and tflite.input_specs[0].dtype == "float32"
+    float32_kernels = [w for w in TFLiteModel(export_tflite(float_cnn, mode="float32")).weights().values() if w.ndim > 1]
+    assert sum(w.nbytes for w in kernels) * 2 == sum(w.nbytes for w in float32_kernels)
+    ref = float_cnn.predict(x_test, verbose=0)
+    out = tflite.predict(x_test)
+    # float16 stores each weight with a relative error of at most 2**-11 (about 5e-4) and computes in
+    # float32: an output is off by at most 5e-4 times the sum of |weight * input| over its terms, a few
+    # times the size of the largest logit in this two-layer net. 1% of the largest logit leaves a
+    # margin of several times that bound.
+    assert np.abs(out - ref).max() <= 0.01 * np.abs(ref).max()
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.99
+
+
+def test_dynamic_mode_has_int8_weights_and_stays_close_to_keras(float_cnn, digits):
+    _, (x_test, _) = digits
+    content = export_tflite(float_cnn, mode="dynamic")
+    tflite = TFLiteModel(content)
+    dense = [w for w in tflite.weights().values() if w.shape == (10, 288)]
+    assert [w.dtype for w in dense] == [np.int8]  # the converter keeps tensors under 1,024 values in float
+    assert not tflite.is_fully_integer and tflite.input_specs[0].dtype == "float32"
+    assert len(content) < 0.5 * len(export_tflite(float_cnn, mode="float32"))
+    ref = float_cnn.predict(x_test, verbose=0)
+    out = tflite.predict(x_test)
+    # Dynamic range: weights rounded to 255 levels per channel (an error up to half a step, 0.4% of the
+    # channel's largest weight) and the Dense input quantized to int8 at run time (another 0.4% of
+    # its range), each term's error adding up over 288 terms: a few percent of the logit range, so 5%;
+    # predictions near a decision boundary may flip, so agreement 97% rather than 99%.
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.97
+
+
+def test_int8_and_float32_modes_match_the_automatic_choice(float_cnn, qat_cnn, ptq_bytes, digits):
+    (x_train, _), _ = digits
+    assert export_tflite(float_cnn, mode="int8", representative_data=x_train) == ptq_bytes
+    assert export_tflite(qat_cnn, mode="int8") == export_tflite(qat_cnn)
+    assert export_tflite(float_cnn, mode="float32") == export_tflite(float_cnn)
+
+
+@pytest.mark.parametrize(
+    "which, kwargs, message",
+    [
+        ("float", {"mode": "int8"}, "mode='int8' for a float model needs calibration inputs: pass representative_data="),
+        ("qat", {"mode": "float32"}, "use mode='int8' (or None), or export the float model"),
+        ("qat", {"mode": "float16"}, "this model simulates int8"),
+        ("qat", {"mode": "dynamic"}, "this model simulates int8"),
+        ("float", {"mode": "dynamic", "representative_data": True}, "takes no representative_data"),
+        ("float", {"mode": "float16", "input_type": "int8"}, "takes and returns float32"),
+        ("float", {"mode": "fp16"}, "mode must be one of [None, 'int8', 'float32', 'float16', 'dynamic']"),
+    ],
+)
+def test_mode_errors_name_the_fix(which, kwargs, message, float_cnn, qat_cnn, digits, tmp_path):
+    (x_train, _), _ = digits
+    if kwargs.get("representative_data") is True:
+        kwargs = {**kwargs, "representative_data": x_train[:10]}
+    path = tmp_path / "model.tflite"
+    with pytest.raises(ValueError) as error:
+        export_tflite(float_cnn if which == "float" else qat_cnn, str(path), **kwargs)
+    assert message in str(error.value)
+    assert not path.exists()
