@@ -5,6 +5,7 @@ import numpy as np
 
 from kerasq import _keras_private
 from kerasq.graph import Rewrite, wrappers
+from kerasq.graph.selection import layer_predicate
 from kerasq.clustering import centroids as centroids_lib
 from kerasq.clustering.wrapper import (
     ClusterWeights,
@@ -62,7 +63,7 @@ def cluster_weights(
         preserve_sparsity=bool(preserve_sparsity),
     )
     if isinstance(to_cluster, keras.Model):
-        return _cluster_model(to_cluster, options, _groups(share_across, cluster_per_channel), _skip_predicate(skip))
+        return _cluster_model(to_cluster, options, _groups(share_across, cluster_per_channel), layer_predicate(skip))
     if share_across:
         raise ValueError("share_across names layers of a model: pass the model to cluster_weights, not layers.")
     if isinstance(to_cluster, (list, tuple)):
@@ -288,20 +289,3 @@ def _groups(share_across, per_channel):
             "cluster_per_channel=False with share_across."
         )
     return groups
-
-
-def _skip_predicate(skip):
-    if callable(skip) and not isinstance(skip, type):
-        return skip
-    if isinstance(skip, (str, type)):
-        skip = [skip]
-    names, classes = set(), []
-    for entry in skip:
-        if isinstance(entry, str):
-            names.add(entry)
-        elif isinstance(entry, type):
-            classes.append(entry)
-        else:
-            raise TypeError(f"skip takes layer names, layer classes or a predicate; got {entry!r}.")
-    classes = tuple(classes)
-    return lambda layer: layer.name in names or (bool(classes) and isinstance(layer, classes))

@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from kerasq.graph import layer_facts, wrappers
+from kerasq.graph.variables import replaced_variables
 from kerasq.clustering import centroids as centroids_lib
 
 _FAR = 1e30  # distance added to the pinned zero centroid, so non-zero weights never pick it
@@ -296,7 +297,7 @@ class ClusterWeights(keras.layers.Wrapper):
     # ---- the forward pass ---------------------------------------------------------------------------
     def call(self, inputs, *args, training=None, **kwargs):
         mapping = [(entry.variable, self._clustered_value(entry, bool(training))) for entry in self._clustered]
-        with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
+        with replaced_variables(self.layer, mapping):
             return self.layer(inputs, *args, training=training, **kwargs)
 
     def _clustered_value(self, entry, training):

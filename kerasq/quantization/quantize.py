@@ -11,7 +11,7 @@ from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
 
-def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False):
+def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, preserve_clusters=False):
     """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
 
     Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
@@ -28,6 +28,9 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False):
         preserve_sparsity: keep every kernel weight that is zero now (a pruned model's, stripped or
             still wrapped) at zero through training, so the exported file keeps the zeros: each such
             kernel gets a `kerasq.constraints.KeepZeros` constraint, which saves with the model.
+        preserve_clusters: keep a clustered model's kernels on their clusters (and zeros) through
+            training, so each holds at most its number of clusters of int8 values per channel in
+            the file (`kerasq.clustering.quantize_preserving_clusters`).
 
     Example:
     >>> import keras, kerasq
@@ -37,6 +40,10 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False):
     >>> [type(layer).__name__ for layer in qat.layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper']
     """
+    if preserve_clusters:
+        from kerasq.clustering import quantize_preserving_clusters  # clustering builds on this module
+
+        return quantize_preserving_clusters(model, scheme=scheme, skip=skip)
     quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False)
     if preserve_sparsity:
         _keep_zeros(quantized)
