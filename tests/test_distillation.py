@@ -78,6 +78,9 @@ def test_teacher_weights_and_batchnorm_statistics_never_change_while_the_student
     distiller.fit(x, y, epochs=2, batch_size=16, verbose=0)
     for before, after in zip(teacher_before, _weights(teacher)):
         np.testing.assert_array_equal(before, after)  # exact: the teacher is never written
+    for before, after in zip(teacher_before, _weights(distiller.teacher)):
+        np.testing.assert_array_equal(before, after)  # nor the copy the distiller runs
+    assert teacher.trainable and all(layer.trainable for layer in teacher.layers)  # yours stays trainable
     assert any(not np.allclose(b, a) for b, a in zip(student_before, _weights(student)))
 
 

@@ -12,12 +12,24 @@ The loss is `alpha * hard + (1 - alpha) * (soft + feature_weight * sum(features)
 the loss given to `compile` against the labels. `alpha=1` trains on the labels only (the teacher is
 not even run), `alpha=0` on the teacher only. The teacher always runs in inference mode
 (`training=False`): its BatchNorm uses and keeps its moving statistics, and its weights are not
-trained (Keras' Distiller sets `teacher.trainable = False`).
+trained. The Distiller holds a frozen copy of a Sequential or Functional teacher (Keras' Distiller
+sets `teacher.trainable = False`, which would otherwise freeze your own model); a subclassed teacher
+is used as it is, and is left untrainable.
 """
 
 import keras
 
 from kerasq.distillation.features import ProjectedFeatureDistillation, feature_shape, make_projection, resolve_layer_name
+
+
+def _frozen_copy(teacher):
+    """A copy of the teacher (same weights, nothing shared) for Keras' Distiller to freeze."""
+    from kerasq import _keras_private
+    from kerasq.graph import Rewrite
+
+    if not (isinstance(teacher, keras.Sequential) or _keras_private.is_functional(teacher)):
+        return teacher
+    return Rewrite(teacher, inline=False).run()
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
@@ -54,6 +66,7 @@ class Distiller(keras.distillation.Distiller):
         kwargs.pop("distillation_loss_weights", None)
         kwargs.pop("student_loss_weight", None)
         _check_models(teacher, student)
+        teacher = _frozen_copy(teacher)
         self.temperature = _check_temperature(temperature)
         self.alpha = _check_alpha(alpha)
         self.feature_weight = _check_feature_weight(feature_weight)
