@@ -193,3 +193,24 @@ def test_fixed_batch_file_runs_any_number_of_samples():
     x = np.random.default_rng(0).normal(size=(10, 3)).astype("float32")
     np.testing.assert_allclose(tflite.predict(x), model.predict(x, verbose=0), atol=1e-5)
     assert tflite.benchmark(runs=3)["median_ms"] > 0
+
+
+def test_a_kernel_path_that_aborts_on_a_file_is_refused_not_crashing_the_process():
+    """LiteRT's reference kernels abort (SIGABRT) while preparing an int8 MobileNetV2 (ai-edge-litert
+    2.x): kerasq tries them in a child process first, so the caller gets an error, verify_tflite a
+    floor without them, and this test process survives either way."""
+    import keras
+
+    import kerasq
+
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+    x = np.random.default_rng(0).uniform(size=(8, 32, 32, 3)).astype("float32")
+    content = kerasq.export_tflite(model, representative_data=x)
+    try:
+        TFLiteModel(content, kernels="reference")
+        reference_runs = True
+    except ValueError as error:  # where LiteRT still aborts: said, not crashed
+        assert "reference kernels abort the process" in str(error)
+        reference_runs = False
+    report = kerasq.verify_tflite(model, content, x)
+    assert ("reference" in report.floor_kernels) == reference_runs and "builtin" in report.floor_kernels

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from kerasq.export.flatbuffer import TensorInfo, constant_values, read_graph
+from kerasq.export.probe import kernel_path_failure
 from kerasq.validation import InputSpec, check_input_data, format_shape
 
 KERNELS = ("default", "reference", "builtin")
@@ -67,6 +68,11 @@ class TFLiteModel:
         what = f"'{self.path}'" if self.path else "The given bytes"
         if len(self._content) < 8 or self._content[4:8] != b"TFL3":
             raise ValueError(f"{what} is not a valid .tflite file (no TFL3 flatbuffer identifier).")
+        if kernels != "default":
+            # Some kernel paths abort the process on files they cannot handle: try in a child first.
+            failure = kernel_path_failure(self._content, kernels)
+            if failure is not None:
+                raise ValueError(f"{what}: {failure}. Use kernels='default'.")
         try:
             self._graph = read_graph(self._content)
             self._interpreter = self._make_interpreter()
