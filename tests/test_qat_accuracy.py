@@ -104,6 +104,17 @@ def test_batchnorm_is_frozen_by_default_so_training_runs_the_deployed_network():
         np.testing.assert_array_equal(old, new)
 
 
+def test_untrained_batchnorm_trains_with_batch_statistics_by_default():
+    """QAT from scratch: statistics that still hold their initial values would normalize nothing."""
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.BatchNormalization(momentum=0.5, name="bn"), keras.layers.ReLU()])
+    qat = kerasq.quantize_model(model)
+    assert qat.get_layer("quant_conv").scheme.freeze_batchnorm is False
+    before = _moving_statistics(qat)
+    qat(np.random.default_rng(1).normal(size=(16, 6, 6, 2)).astype("float32"), training=True)
+    assert np.abs(before[1] - _moving_statistics(qat)[1]).max() > 1e-3
+
+
 def test_unfrozen_batchnorm_uses_and_updates_batch_statistics():
     model, x = _conv_bn_model()
     qat = kerasq.quantize_model(model, kerasq.QuantizationScheme(freeze_batchnorm=False))

@@ -245,8 +245,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """Conv/Dense with BatchNorm folded in, as in Jacob et al. (2018) and PyTorch's ConvBn.
 
         The kernel is always folded with the moving variance, so it is quantized exactly as it will be
-        deployed. By default (`freeze_batchnorm=True`) training normalizes with the moving statistics
-        too, so the network that trains is the network deployed. With `freeze_batchnorm=False` (or for
+        deployed. With `freeze_batchnorm=True` (what `quantize_model` makes of the default "auto" for a
+        trained BatchNorm) training normalizes with the moving statistics too, so the network that
+        trains is the network deployed. With `freeze_batchnorm=False` (or for
         the first `freeze_batchnorm` steps when it is a step count) the folded output is scaled back and
         normalized with the batch's statistics, which also update the moving ones, as float BatchNorm
         training does.
@@ -257,7 +258,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         scale, folded_bias = batchnorm_fold(bn, bias)
         folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
         freeze = self.scheme.freeze_batchnorm
-        if not training or not bn.trainable or freeze is True:
+        if not training or not bn.trainable or freeze is True or freeze == "auto":
             return self._linear(inputs, folded, folded_bias, ranges, training)
         linear = self._linear(inputs, folded, None, ranges, training)
         unfolded = linear / scale + bias
@@ -329,8 +330,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
 
 def _freezes_after_steps(freeze_batchnorm):
-    """True when `freeze_batchnorm` is a step count rather than always (True) or never (False)."""
-    return not isinstance(freeze_batchnorm, bool)
+    """True when `freeze_batchnorm` is a step count rather than always (True, "auto" as quantize_model
+    did not resolve it) or never (False)."""
+    return not isinstance(freeze_batchnorm, (bool, str))
 
 
 def batchnorm_affine(bn):

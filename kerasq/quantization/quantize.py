@@ -201,6 +201,12 @@ def _substitute(steps, layer, rewrite):
         return wrappers.strip(layer, rewrite)
     name = rewrite.names.take(f"quant_{wrappers.unwrap(layer).name}")
     inner = {"unique_name": False}  # names inside a wrapper need not be unique in the model
+    scheme = step.scheme
+    if scheme.freeze_batchnorm == "auto":
+        # Frozen statistics keep a trained network as it was trained; statistics never trained would
+        # normalize nothing, so QAT from scratch trains them with batch statistics, as float does.
+        frozen = step.batchnorm is None or not _untrained(step.batchnorm)
+        scheme = QuantizationScheme.from_config({**scheme.get_config(), "freeze_batchnorm": frozen})
     batchnorm = wrappers.strip(step.batchnorm, rewrite, **inner) if step.batchnorm is not None else None
     if step.depthwise_rank is not None:
         unwrapped = wrappers.unwrap(layer)
@@ -210,7 +216,7 @@ def _substitute(steps, layer, rewrite):
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
         layer,
-        scheme=step.scheme,
+        scheme=scheme,
         batchnorm=batchnorm,
         quantize_output=quantize_output if len(steps) > 1 else quantize_output[0],
         name=name,
@@ -412,6 +418,14 @@ def _keep_zeros(model):
             variable.constraint = constraint
             if attribute is not None:
                 setattr(layer, attribute, constraint)
+
+
+def _untrained(batchnorm):
+    """True for a BatchNormalization whose moving statistics still hold their initial values."""
+    layer = wrappers.unwrap(batchnorm)
+    mean = keras.ops.convert_to_numpy(layer.moving_mean)
+    variance = keras.ops.convert_to_numpy(layer.moving_variance)
+    return bool((mean == 0).all() and (variance == 1).all())
 
 
 def _unannotated(layer):

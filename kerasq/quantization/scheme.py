@@ -18,11 +18,13 @@ class QuantizationScheme:
             TFLite does not fix).
         fold_batchnorm: fold a BatchNormalization into the Conv/Dense before it, so the weights that
             train are the weights deployed.
-        freeze_batchnorm: True (the default): training normalizes with the BatchNorm's moving
+        freeze_batchnorm: "auto" (the default): True for a BatchNorm whose moving statistics were
+            trained, False for one whose statistics still hold their initial values (QAT from
+            scratch), decided by `quantize_model`. True: training normalizes with the BatchNorm's moving
             statistics and leaves them as they are, so the network that trains is the one deployed.
             False: training normalizes with each batch's statistics and updates the moving ones, as
-            float training does. An int N: batch statistics for the first N training steps (for QAT
-            from scratch, whose moving statistics mean nothing yet), then frozen. Fine-tuning a trained
+            float training does. An int N: batch statistics for the first N training steps, then
+            frozen. Fine-tuning a trained
             model with batch statistics cost a converged MobileNetV2 on the digits 1.2 points (mean
             of 3 seeds) that frozen statistics keep.
 
@@ -38,7 +40,7 @@ class QuantizationScheme:
         weights=None,
         activations=None,
         fold_batchnorm=True,
-        freeze_batchnorm=True,
+        freeze_batchnorm="auto",
     ):
         self.weights = weights if weights is not None else WeightQuantizer()
         self.activations = activations if activations is not None else ActivationQuantizer()
@@ -49,12 +51,12 @@ class QuantizationScheme:
                 f"activations must be a kerasq ActivationQuantizer; got {self.activations!r}."
             )
         self.fold_batchnorm = bool(fold_batchnorm)
-        if not isinstance(freeze_batchnorm, bool):
+        if freeze_batchnorm != "auto" and not isinstance(freeze_batchnorm, bool):
             if isinstance(freeze_batchnorm, float) and freeze_batchnorm.is_integer():
                 freeze_batchnorm = int(freeze_batchnorm)
             if not isinstance(freeze_batchnorm, int) or freeze_batchnorm < 0:
                 raise ValueError(
-                    "freeze_batchnorm must be True, False or a number of training steps (an int >= 0); "
+                    "freeze_batchnorm must be 'auto', True, False or a number of training steps (an int >= 0); "
                     f"got {freeze_batchnorm!r}."
                 )
         self.freeze_batchnorm = freeze_batchnorm
