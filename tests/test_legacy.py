@@ -203,7 +203,7 @@ def test_cli_migrate_writes_a_keras_file_that_loads_with_only_kerasq(legacy, dig
     [
         (["migrate", "only_one.h5"], 2, "migrate takes OLD.h5 and NEW.keras"),
         (["migrate", "old.h5", "new.h5"], 2, "migrate writes a .keras file"),
-        (["migrate", "missing.h5", "new.keras"], 1, "kerasq migrate: error: no such file or directory: missing.h5"),
+        (["migrate", "missing.h5", "new.keras"], 1, "kerasq migrate: error: OLD.h5 missing.h5: no such file or directory"),
     ],
 )
 def test_cli_migrate_errors(args, code, message, tmp_path, capsys):
