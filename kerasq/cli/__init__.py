@@ -20,6 +20,7 @@ from absl import app, flags
 # The subcommand modules import no TensorFlow at import time; they register their flags and commands.
 from kerasq.cli import demo as _demo, files as _files, models as _models  # noqa: F401
 from kerasq.cli.common import COMMANDS, FLAGS, CommandError, UsageError, set_terminal
+from kerasq_command import silence_tensorflow, wants_logging
 
 USAGE_ERROR = 2
 _GLOBAL_FLAGS = ("quiet", "verbose", "version")
@@ -165,53 +166,12 @@ def _parse_flags(argv):
         sys.exit(USAGE_ERROR)
 
 
-def _silence_tensorflow():
-    """The command's output is its own: TensorFlow's C++ and Python logging off, for this process only.
-
-    TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow is imported, and some of TensorFlow's messages
-    (oneDNN, CUDA) are written while it loads, before its log level applies: the import itself runs with
-    file descriptor 2 sent to a log, shown only if the import fails."""
-    import logging
-    import tempfile
-    import warnings
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    warnings.filterwarnings("ignore")
-    for name in ("tensorflow", "absl", "keras"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    if "tensorflow" in sys.modules:
-        return
-    log = tempfile.TemporaryFile()
-    saved = None
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    try:
-        import tensorflow  # noqa: F401
-    except BaseException:
-        if saved is not None:
-            os.dup2(saved, 2)
-            saved = os.close(saved)
-            log.seek(0)
-            sys.stderr.write(log.read().decode(errors="replace"))
-        raise
-    finally:
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.close()
-
-
 def run(argv=None):
-    """The `kerasq` console script (also `python -m kerasq`)."""
+    """The `kerasq` command: the console script (`kerasq_command.run`) and `python -m kerasq`."""
     arguments = list(sys.argv if argv is None else argv)
     options = [a for a in arguments[1:] if a.startswith("-")]
-    if not any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in options):
-        _silence_tensorflow()
+    if not wants_logging(arguments):
+        silence_tensorflow()  # what it can still silence: the console script did it before any import
     if _HELP_FLAGS & set(options):  # each command's own help, not absl's list of every flag
         names = [a for a in arguments[1:] if not a.startswith("-")]
         if names and names[0] == "help":
