@@ -98,10 +98,7 @@ def strip_clustering(model):
             "clustered. Export or train it as it is, or cluster it first with kerasq.cluster_weights."
         )
 
-    def strip_cluster_wrapper(layer, rewrite):
-        return wrappers.strip(layer, rewrite) if isinstance(layer, ClusterWeights) else None
-
-    return Rewrite(model, strip_cluster_wrapper, inline=False).run()
+    return wrappers.strip_model(model, only=ClusterWeights)
 
 
 def cluster_scope(*custom_objects):
