@@ -96,7 +96,10 @@ def test_mismatched_shapes_are_skipped_with_the_reason_unless_adapted():
 def test_narrower_target_keeps_the_most_important_channels_consistently():
     source = _randomize(_cnn(width=8))
     kernel = np.asarray(source.get_layer("conv").kernel)
-    importance = np.abs(kernel).reshape(-1, 8).sum(axis=0)
+    bn = source.get_layer("bn")
+    # Importance is each filter's L1 norm as deployed: with the BatchNorm after it folded in.
+    folded = np.abs(np.asarray(bn.gamma)) / np.sqrt(np.asarray(bn.moving_variance) + bn.epsilon)
+    importance = np.abs(kernel).reshape(-1, 8).sum(axis=0) * folded
     expected = np.sort(np.argsort(-importance)[:4])
     target = _cnn(width=4)
     report = kerasq.transfer_weights(source, target, adapt=True)
