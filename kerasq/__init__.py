@@ -26,7 +26,7 @@ from kerasq.quantization import (
     register_handler,
 )
 from kerasq.graph import LayerFacts, register_layer_facts
-from kerasq.pruning.channels import prune_channels
+from kerasq.pruning.channels import penalize_batchnorm_scales, prune_channels
 from kerasq.transfer import TransferReport, deepen, transfer_weights, widen
 from kerasq.transfer.legacy import migrate_legacy
 from kerasq.pruning import (

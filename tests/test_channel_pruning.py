@@ -180,3 +180,45 @@ def test_narrow_model_quantizes_and_exports_int8():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         prune_channels(_resnet_style(), **kwargs)
+
+
+def _head_ignores_two_channels():
+    """Conv(4) -> GAP -> Dense whose rows for channels 0 and 1 are zero: those two channels are
+    useless to the loss although their filters are the largest."""
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, name="head")])
+    kernel = np.asarray(model.get_layer("conv").kernel)
+    kernel[..., :2] *= 10.0  # the largest filters
+    model.get_layer("conv").kernel.assign(kernel)
+    head = np.asarray(model.get_layer("head").kernel)
+    head[:2] = 0.0
+    model.get_layer("head").kernel.assign(head)
+    return model
+
+
+def test_taylor_criterion_removes_the_channels_the_loss_does_not_use():
+    model = _head_ignores_two_channels()
+    x = RNG.uniform(size=(32, 8, 8, 1)).astype("float32")
+    y = RNG.integers(0, 3, 32)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    by_taylor = prune_channels(model, ratio=0.5, criterion="taylor", data=(x, y), loss=loss)
+    np.testing.assert_array_equal(np.asarray(by_taylor.get_layer("head").kernel), np.asarray(model.get_layer("head").kernel)[2:])
+    by_norm = prune_channels(model, ratio=0.5, criterion="l1")  # keeps the two big, useless filters
+    assert np.all(np.asarray(by_norm.get_layer("head").kernel) == 0)
+    with pytest.raises(ValueError, match=r"data=\(x, y\)"):
+        prune_channels(model, ratio=0.5, criterion="taylor")
+
+
+def test_batchnorm_scale_penalty_shrinks_the_scales_network_slimming_prunes():
+    model = _resnet_style()
+    penalized = kerasq.penalize_batchnorm_scales(model, l1=1e-2)
+    assert isinstance(penalized.get_layer("b0_bn1").gamma_regularizer, keras.regularizers.L1)
+    assert model.get_layer("b0_bn1").gamma_regularizer is None  # the user's model is not changed
+    penalized.compile(keras.optimizers.Adam(1e-2), "mse")
+    before = np.abs(np.asarray(penalized.get_layer("b0_bn1").gamma)).sum()
+    penalized.fit(_random(32, 16, 16, 3), np.zeros((32, 4), "float32"), epochs=3, verbose=0)
+    assert np.abs(np.asarray(penalized.get_layer("b0_bn1").gamma)).sum() < before
+    slim = prune_channels(penalized, ratio=0.5, criterion="bn_scale")
+    assert slim.count_params() < model.count_params()
+    with pytest.raises(ValueError, match="l1 must be a positive"):
+        kerasq.penalize_batchnorm_scales(model, l1=0)

@@ -24,10 +24,11 @@ import numpy as np
 from kerasq.graph import LayerGraph, channel_groups, facts, reindex_channels, rules, weight
 from kerasq.graph.wrappers import unwrap
 
-CRITERIA = ("l1", "l2", "bn_scale")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 
 
-def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1):
+def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1, data=None,
+                   loss=None):
     """Returns a narrower copy of `model` without the least important channels; `model` is unchanged.
 
     Args:
@@ -36,10 +37,15 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
         criterion: how channels are ranked: "l1" or "l2" (norm of the filters that produce each
             channel, with a following BatchNorm folded in, each producer's norms scaled to mean 1 so
             producers of a residual group count alike) or "bn_scale" (|gamma| of the BatchNorms on
-            the channels: network slimming; train with an L1 penalty on the scales first).
+            the channels: network slimming; train with `kerasq.penalize_batchnorm_scales` first) or
+            "taylor" (|activation x gradient of the loss| summed over each producer's output channel
+            on `data`: the first-order estimate of the loss change when the channel is removed,
+            Molchanov et al. 2017; TensorFlow backend).
         ratios: {layer name: ratio} overriding `ratio` for the group of channels that layer produces.
         min_channels: never keep fewer channels than this in a group.
         round_to: keep a multiple of this many channels (e.g. 4 or 8, which int8 kernels favour).
+        data: `(x, y)` for the "taylor" criterion: a batch or a few (up to 256 samples are used).
+        loss: the loss for "taylor" (a Keras loss or its name); by default the model's compiled loss.
 
     Channel groups that reach a model input or output, a Flatten that mixes positions, or a layer
     kerasq has no facts for keep all their channels.
@@ -47,13 +53,41 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
     _check_arguments(ratio, criterion, ratios, min_channels, round_to)
     graph = LayerGraph(model)
     groups = channel_groups(graph)
-    keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to)
+    taylor = _taylor_scores(model, graph, groups, data, loss) if criterion == "taylor" else None
+    keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to, taylor)
     return reindex_channels(graph, groups, keep)
+
+
+def penalize_batchnorm_scales(model, l1=1e-4):
+    """A copy of `model` whose BatchNorms' scales (gamma) carry an L1 penalty: train it, and the
+    scales of channels the model can do without shrink towards zero, which
+    `prune_channels(..., criterion="bn_scale")` then removes (network slimming, Liu et al. 2017).
+    `model` is not changed.
+
+    Example:
+    >>> import keras, kerasq
+    >>> model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3),
+    ...                           keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU()])
+    >>> penalized = kerasq.penalize_batchnorm_scales(model, l1=1e-3)
+    >>> type(penalized.get_layer("bn").gamma_regularizer).__name__
+    'L1'
+    """
+    from kerasq.graph import Rewrite
+
+    if not l1 > 0:
+        raise ValueError(f"l1 must be a positive penalty strength (e.g. 1e-4); got {l1!r}.")
+
+    def penalize(layer, rewrite):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
+            return rewrite.clone(layer, gamma_regularizer=keras.regularizers.L1(l1))
+        return None
+
+    return Rewrite(model, penalize, inline=False).run()
 
 
 # ---- which channels stay ---------------------------------------------------------------------------
 
-def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, round_to):
+def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, round_to, taylor=None):
     """{group id: sorted channel indices to keep} for every group that loses channels."""
     keep = {}
     for group in groups:
@@ -65,7 +99,9 @@ def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, roun
         count = min(group.size, int(math.ceil(count / round_to) * round_to))
         if count >= group.size:
             continue
-        scores = channel_scores(graph, group, criterion)
+        scores = (taylor or {}).get(group.id)
+        if scores is None:
+            scores = channel_scores(graph, group, criterion if criterion != "taylor" else "l1")
         keep[group.id] = np.sort(np.argsort(-scores, kind="stable")[:count])
     return keep
 
@@ -121,6 +157,56 @@ def _folded_batchnorm_scale(graph, node, size):
     batchnorm = unwrap(batchnorm_node.layer)
     gamma = np.asarray(batchnorm.gamma) if batchnorm.scale else np.ones(size)
     return np.abs(gamma) / np.sqrt(np.asarray(batchnorm.moving_variance) + batchnorm.epsilon)
+
+
+def _taylor_scores(model, graph, groups, data, loss):
+    """{group id: per-channel |sum over positions of activation x gradient|, averaged over samples and
+    summed over the group's producers}, on a copy of the model (the user's is never called)."""
+    import tensorflow as tf
+
+    from kerasq.graph import Rewrite
+
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError("criterion='taylor' needs the TensorFlow backend; use 'l1' or 'bn_scale' on others.")
+    if data is None or not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError("criterion='taylor' needs data=(x, y): a batch of inputs and labels to take gradients on.")
+    loss_fn = keras.losses.get(loss) if loss is not None else getattr(model, "loss", None)
+    if loss_fn is None:
+        raise ValueError("criterion='taylor' needs a loss: pass loss=..., or compile the model first.")
+    if isinstance(loss_fn, str):
+        loss_fn = keras.losses.get(loss_fn)
+    x, y = (np.asarray(part)[:256] for part in data)
+    wanted = {id(node): node for group in groups for node in group.producers}
+    rewrite = Rewrite(graph)
+    captured = {}
+
+    def call(node, args, kwargs):
+        outputs = rewrite.substitute(node)(*args, **kwargs)
+        if id(node) in wanted:
+            captured[node.id] = outputs
+        return outputs
+
+    copy = rewrite.run(call)
+    order = sorted(captured)
+    outputs = keras.tree.flatten(copy.outputs)
+    if len(outputs) != 1:
+        raise ValueError("criterion='taylor' takes a model with one output; use 'l1' or 'bn_scale' for this one.")
+    probe = keras.Model(copy.input, outputs + [captured[i] for i in order])
+    with tf.GradientTape() as tape:
+        results = probe(x, training=False)
+        predictions, activations = results[0], results[1:]
+        value = loss_fn(y, predictions)
+    gradients = tape.gradient(value, activations)
+    per_node = {}
+    for node_id, activation, gradient in zip(order, activations, gradients):
+        product = (activation * gradient).numpy()
+        spatial = tuple(range(1, product.ndim - 1))
+        per_node[node_id] = np.abs(product.sum(axis=spatial) if spatial else product).mean(axis=0)
+    return {
+        group.id: sum(per_node[node.id] for node in group.producers)
+        for group in groups
+        if group.producers and all(node.id in per_node for node in group.producers)
+    }
 
 
 def _check_arguments(ratio, criterion, ratios, min_channels, round_to):
