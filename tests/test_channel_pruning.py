@@ -222,3 +222,15 @@ def test_batchnorm_scale_penalty_shrinks_the_scales_network_slimming_prunes():
     assert slim.count_params() < model.count_params()
     with pytest.raises(ValueError, match="l1 must be a positive"):
         kerasq.penalize_batchnorm_scales(model, l1=0)
+
+
+@pytest.mark.parametrize("keep_params", [0.7, 0.4])
+def test_global_parameter_target(keep_params):
+    model = _randomize(_resnet_style())
+    slim = prune_channels(model, keep_params=keep_params)
+    kept = slim.count_params() / model.count_params()
+    # One channel's weights are a few percent of this small model: the target is met within one channel.
+    assert keep_params - 0.08 <= kept <= keep_params + 0.01, kept
+    assert slim(_random(1, 16, 16, 3)).shape == (1, 4)
+    with pytest.raises(ValueError, match="keep_params"):
+        prune_channels(model, keep_params=0.0)

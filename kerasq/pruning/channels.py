@@ -28,7 +28,7 @@ CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 
 
 def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1, data=None,
-                   loss=None):
+                   loss=None, keep_params=None):
     """Returns a narrower copy of `model` without the least important channels; `model` is unchanged.
 
     Args:
@@ -46,6 +46,10 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
         round_to: keep a multiple of this many channels (e.g. 4 or 8, which int8 kernels favour).
         data: `(x, y)` for the "taylor" criterion: a batch or a few (up to 256 samples are used).
         loss: the loss for "taylor" (a Keras loss or its name); by default the model's compiled loss.
+        keep_params: instead of one ratio for every group, a global target: the fraction of the
+            model's parameters to keep, in (0, 1]. Channels are removed across all groups, least
+            important first (scores scaled to mean 1 within each group), until the channels'
+            weights removed reach the target.
 
     Channel groups that reach a model input or output, a Flatten that mixes positions, or a layer
     kerasq has no facts for keep all their channels.
@@ -54,6 +58,11 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
     graph = LayerGraph(model)
     groups = channel_groups(graph)
     taylor = _taylor_scores(model, graph, groups, data, loss) if criterion == "taylor" else None
+    if keep_params is not None:
+        if not 0.0 < keep_params <= 1.0:
+            raise ValueError(f"keep_params is the fraction of parameters to keep, in (0, 1]; got {keep_params}.")
+        ratios = _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min_channels)
+        ratio = 0.0
     keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to, taylor)
     return reindex_channels(graph, groups, keep)
 
@@ -90,8 +99,9 @@ def penalize_batchnorm_scales(model, l1=1e-4):
 def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, round_to, taylor=None):
     """{group id: sorted channel indices to keep} for every group that loses channels."""
     keep = {}
+    prunable = _prunable_groups(graph, groups)
     for group in groups:
-        if not group.removable or not group.producers or _is_shared(graph, group) or _multiplies_channels(group):
+        if group not in prunable:
             continue
         named = [ratios[n.layer.name] for n in group.producers if n.layer.name in ratios]
         group_ratio = max(named) if named else ratio
@@ -104,6 +114,46 @@ def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, roun
             scores = channel_scores(graph, group, criterion if criterion != "taylor" else "l1")
         keep[group.id] = np.sort(np.argsort(-scores, kind="stable")[:count])
     return keep
+
+
+def _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min_channels):
+    """Per-group ratios ({producer name: ratio}) that remove the least important channels across
+    the model, as few as reach (1 - keep_params) of its parameters removed. Found by bisection on
+    how many of the globally ranked channels go, counting the parameters of each candidate model."""
+    candidates = []  # (score scaled within its group, group)
+    for group in _prunable_groups(graph, groups):
+        scores = (taylor or {}).get(group.id)
+        if scores is None:
+            scores = channel_scores(graph, group, criterion if criterion != "taylor" else "l1")
+        scaled = np.sort(scores / max(float(np.mean(scores)), 1e-12))
+        candidates.extend((float(value), group) for value in scaled[: max(0, group.size - min_channels)])
+    candidates.sort(key=lambda item: item[0])
+    target = keep_params * model.count_params()
+
+    def ratios_for(count):
+        removed = {}
+        for _, group in candidates[:count]:
+            removed[group.id] = removed.get(group.id, 0) + 1
+        # A ratio just above the count's fraction, so floor(size * ratio) is the count.
+        return {node.layer.name: (removed[g.id] + 0.5) / g.size
+                for g in groups if g.id in removed for node in g.producers}
+
+    def params_after(count):
+        keep = _choose_channels(graph, groups, 0.0, criterion, ratios_for(count), min_channels, 1, taylor)
+        return reindex_channels(graph, groups, keep).count_params()
+
+    low, high = 0, len(candidates)
+    while low < high:  # the fewest removals that reach the target
+        middle = (low + high) // 2
+        if params_after(middle) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return ratios_for(low)
+
+
+def _prunable_groups(graph, groups):
+    return [g for g in groups if g.removable and g.producers and not _is_shared(graph, g) and not _multiplies_channels(g)]
 
 
 def _is_shared(graph, group):
