@@ -1,6 +1,16 @@
-"""kerasq: quantization-aware training and verified int8 TFLite export for Keras 3."""
+"""kerasq: quantization-aware training, pruning, clustering, distillation, weight transfer and
+verified int8 TFLite export for Keras 3."""
 
-from kerasq import data, export, graph, quantization
+from kerasq import clustering, data, distillation, export, graph, pruning, quantization, transfer
+from kerasq.clustering import (
+    CentroidInitialization,
+    ClusterableLayer,
+    ClusterWeights,
+    cluster_scope,
+    cluster_weights,
+    strip_clustering,
+)
+from kerasq.distillation import Distiller
 from kerasq.export import (
     ExportError,
     ExportHook,
@@ -10,6 +20,20 @@ from kerasq.export import (
     register_export_hook,
     verify_tflite,
 )
+from kerasq.graph import LayerFacts, register_layer_facts
+from kerasq.pruning import (
+    ConstantSparsity,
+    PolynomialDecay,
+    PrunableLayer,
+    PruneLowMagnitude,
+    PruningSchedule,
+    PruningSummaries,
+    UpdatePruningStep,
+    prune_low_magnitude,
+    prune_scope,
+    strip_pruning,
+)
+from kerasq.pruning.channels import penalize_batchnorm_scales, prune_channels
 from kerasq.quantization import (
     ActivationQuantizer,
     QuantizationScheme,
@@ -25,31 +49,6 @@ from kerasq.quantization import (
     quantize_scope,
     register_handler,
 )
-from kerasq.graph import LayerFacts, register_layer_facts
-from kerasq.pruning.channels import penalize_batchnorm_scales, prune_channels
-from kerasq.transfer import TransferReport, deepen, transfer_weights, widen
-from kerasq.transfer.legacy import migrate_legacy
-from kerasq.pruning import (
-    ConstantSparsity,
-    PolynomialDecay,
-    PrunableLayer,
-    PruneLowMagnitude,
-    PruningSchedule,
-    PruningSummaries,
-    UpdatePruningStep,
-    prune_low_magnitude,
-    prune_scope,
-    strip_pruning,
-)
-from kerasq import clustering, distillation
-from kerasq.clustering import (
-    CentroidInitialization,
-    ClusterableLayer,
-    ClusterWeights,
-    cluster_scope,
-    cluster_weights,
-    strip_clustering,
-)
-from kerasq.distillation import Distiller
+from kerasq.transfer import TransferReport, deepen, migrate_legacy, transfer_weights, widen
 
 __version__ = "0.1.0"
