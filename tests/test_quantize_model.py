@@ -1080,3 +1080,22 @@ def test_preserve_sparsity_keeps_pruned_zeros_through_training_and_in_the_file(d
     plain.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     plain.fit(x_train[:256], y_train[:256], epochs=1, verbose=0)
     assert not np.all(np.asarray(plain.get_layer("quant_conv").layer.kernel)[zeros["conv"]] == 0)
+
+
+def test_annotated_first_layer_keeps_its_input_shape_as_in_tfmots_guide():
+    model = keras.Sequential([
+        kerasq.quantize_annotate_layer(keras.layers.Conv2D(4, 3, input_shape=(8, 8, 1))),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    assert model.input_shape == (None, 8, 8, 1)
+    qat = kerasq.quantize_apply(model)
+    assert isinstance(qat.layers[2], QuantizeWrapper) and qat.output_shape == (None, 10)
+
+
+def test_a_diverged_model_is_refused_at_export_naming_the_weight():
+    model = _cnn()
+    qat = kerasq.quantize_model(model)
+    qat.get_layer("quant_logits").layer.kernel.assign(np.full((16, 10), np.nan, "float32"))
+    with pytest.raises(kerasq.ExportError, match=r"NaN or infinite values in 'quant_logits/logits/kernel'.*learning rate"):
+        kerasq.export_tflite(qat)

@@ -216,6 +216,25 @@ def _check_model(model):
             f"export_tflite needs the TensorFlow backend; Keras runs on '{keras.backend.backend()}'. "
             "Set KERAS_BACKEND=tensorflow before importing keras."
         )
+    _check_finite(model)
+
+
+def _check_finite(model):
+    """A NaN or infinite weight (or learned range) makes a file LiteRT refuses, or NaN outputs: say
+    which layer holds it before converting."""
+    import numpy as np
+
+    bad = []
+    for variable in model.variables:
+        value = np.asarray(variable)
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad.append(variable.path)
+    if bad:
+        shown = ", ".join(f"'{path}'" for path in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ExportError(
+            f"Model '{model.name}' holds NaN or infinite values in {shown}: its training diverged. "
+            "Lower the learning rate (or clip gradients) and train again from the last good weights."
+        )
 
 
 def _resolve_type(value, default, what, mode):

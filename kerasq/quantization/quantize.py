@@ -124,6 +124,8 @@ class QuantizeAnnotate(keras.layers.Wrapper):
 
     def __init__(self, layer, scheme=None, **kwargs):
         super().__init__(layer, **kwargs)
+        # keras.Sequential takes its input shape from its first layer's `input_shape=`: keep it visible.
+        self._input_shape_arg = getattr(layer, "_input_shape_arg", None)
         if isinstance(scheme, dict):
             scheme = keras.saving.deserialize_keras_object(scheme)
         self.scheme = None if scheme is None else get_scheme(scheme)
