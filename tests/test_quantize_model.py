@@ -1099,3 +1099,24 @@ def test_a_diverged_model_is_refused_at_export_naming_the_weight():
     qat.get_layer("quant_logits").layer.kernel.assign(np.full((16, 10), np.nan, "float32"))
     with pytest.raises(kerasq.ExportError, match=r"NaN or infinite values in 'quant_logits/logits/kernel'.*learning rate"):
         kerasq.export_tflite(qat)
+
+
+def test_multi_output_model_keeps_its_output_names_for_dict_losses(digits, tmp_path):
+    (x_train, y_train), (x_test, y_test) = digits
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, activation="relu")(inputs))
+    digit = keras.layers.Dense(10, name="digit")(x)
+    parity = keras.layers.Dense(2, name="parity")(x)
+    model = keras.Model(inputs, [digit, parity])
+    qat = kerasq.quantize_model(model)
+    assert qat.output_names == ["digit", "parity"]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    qat.compile("adam", loss={"digit": loss, "parity": loss}, metrics={"digit": ["accuracy"]})
+    history = qat.fit(x_train, {"digit": y_train, "parity": y_train % 2}, epochs=1, verbose=0)
+    assert "digit_accuracy" in history.history
+    path = str(tmp_path / "two_outputs.keras")
+    qat.save(path)
+    assert keras.models.load_model(path).output_names == ["digit", "parity"]
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.output_names == ["digit", "parity"] and tflite.is_fully_integer
+    assert kerasq.verify_tflite(qat, tflite, x_test).passed

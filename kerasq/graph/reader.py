@@ -147,10 +147,11 @@ class LayerGraph:
         return specs
 
     # ---- rebuilding -----------------------------------------------------------------------------
-    def rebuild(self, call_layer, on_input=None, name=None):
+    def rebuild(self, call_layer, on_input=None, name=None, on_output=None):
         """A new Functional model with `call_layer(node, args, kwargs)` in place of each layer call.
 
-        `on_input(node, tensor)` may transform each new model input before the layers see it.
+        `on_input(node, tensor)` may transform each new model input before the layers see it, and
+        `on_output(index, tensor)` each model output (in flattened order) before the model is made.
         """
         produced, model_inputs = {}, {}
         for node in self.nodes:
@@ -165,6 +166,9 @@ class LayerGraph:
             produced[node.id] = keras.tree.flatten(outputs)
         inputs = _resolve(self.inputs, {key: [tensor] for key, tensor in model_inputs.items()})
         outputs = _resolve(self.outputs, produced)
+        if on_output is not None:
+            flat = [on_output(index, tensor) for index, tensor in enumerate(keras.tree.flatten(outputs))]
+            outputs = keras.tree.pack_sequence_as(outputs, flat)
         return keras.Model(inputs, outputs, name=name or self.model.name)
 
     # ---- reading --------------------------------------------------------------------------------

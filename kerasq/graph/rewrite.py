@@ -100,19 +100,20 @@ class Rewrite:
             return nested.run(name=self.names.take(layer.name), apply_weights=False)
         return self.clone(layer)
 
-    def run(self, call=None, on_input=None, name=None, apply_weights=True):
+    def run(self, call=None, on_input=None, name=None, apply_weights=True, on_output=None):
         """Rebuilds the model and returns it.
 
         Args:
             call: `fn(node, args, kwargs) -> outputs` for each layer call; by default
                 `self.substitute(node)(*args, **kwargs)`.
             on_input: `fn(node, tensor) -> tensor` applied to each new model input.
+            on_output: `fn(index, tensor) -> tensor` applied to each model output.
             name: the new model's name (by default the original's).
             apply_weights: write the weight map into the new model (nested rewrites leave it to
                 their parent).
         """
         call = call or (lambda node, args, kwargs: self.substitute(node)(*args, **kwargs))
-        model = self.graph.rebuild(call, on_input=on_input, name=name)
+        model = self.graph.rebuild(call, on_input=on_input, name=name, on_output=on_output)
         if apply_weights:
             self.weights.apply()
         return model

@@ -188,7 +188,16 @@ def _quantize(model, scheme, skip, annotated_only):
             return tensor
         return _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
 
-    return rewrite.run(call_layer, on_input=on_input)
+    output_names = list(getattr(model, "output_names", None) or [])
+    keep_names = len(output_names) > 1 and len(set(output_names)) == len(output_names)
+    if keep_names:
+        # Dict losses and metrics are keyed by the model's output names: the QAT model keeps them.
+        names.taken.update(output_names)
+
+    def on_output(index, tensor):
+        return keras.layers.Identity(name=output_names[index])(tensor)
+
+    return rewrite.run(call_layer, on_input=on_input, on_output=on_output if keep_names else None)
 
 
 def _substitute(steps, layer, rewrite):
