@@ -216,7 +216,8 @@ def _substitute(steps, layer, rewrite):
     if scheme.freeze_batchnorm == "auto":
         # Frozen statistics keep a trained network as it was trained; statistics never trained would
         # normalize nothing, so QAT from scratch trains them with batch statistics, as float does.
-        frozen = step.batchnorm is None or not _untrained(step.batchnorm)
+        folded = step.batchnorm if step.depthwise_rank is None else layer  # a standalone BN folds into itself
+        frozen = folded is None or not _untrained(folded)
         scheme = QuantizationScheme.from_config({**scheme.get_config(), "freeze_batchnorm": frozen})
     batchnorm = wrappers.strip(step.batchnorm, rewrite, **inner) if step.batchnorm is not None else None
     if step.depthwise_rank is not None:
