@@ -1120,3 +1120,26 @@ def test_multi_output_model_keeps_its_output_names_for_dict_losses(digits, tmp_p
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
     assert tflite.output_names == ["digit", "parity"] and tflite.is_fully_integer
     assert kerasq.verify_tflite(qat, tflite, x_test).passed
+
+
+def test_augmentation_layers_train_with_qat_and_leave_nothing_in_the_file(digits):
+    (x_train, y_train), (x_test, _) = digits
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.RandomFlip("horizontal"),
+        keras.layers.RandomRotation(0.05),
+        keras.layers.RandomContrast(0.2),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    qat = kerasq.quantize_model(model)
+    flip = next(w for w in _wrappers(qat) if isinstance(w.layer, keras.layers.RandomFlip))
+    x = x_train[:64]
+    assert not np.array_equal(np.asarray(flip(x, training=True)), x)  # still augments while training
+    np.testing.assert_array_equal(np.asarray(flip(x, training=False)), x)
+    qat.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x_train, y_train, epochs=1, verbose=0)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert sorted(set(tflite.ops)) == ["CONV_2D", "FULLY_CONNECTED", "RESHAPE"] and tflite.is_fully_integer
+    assert kerasq.verify_tflite(qat, tflite, x_test).passed

@@ -260,6 +260,17 @@ def _register_builtin_facts():
         layers.Identity,
     ):
         register_layer_facts(layer_class, _channel_preserving)
+    # Augmentation: geometric and per-channel changes keep channels apart; colour changes mix them.
+    for name in ("RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "RandomShear",
+                 "RandomContrast", "RandomBrightness", "RandomErasing", "RandomGaussianBlur",
+                 "RandomSharpness", "RandomPerspective", "RandomElasticTransform", "RandomPosterization",
+                 "RandomInvert"):
+        if hasattr(layers, name):
+            register_layer_facts(getattr(layers, name), _channel_preserving)
+    for name in ("RandomHue", "RandomSaturation", "RandomColorJitter", "RandomColorDegeneration",
+                 "RandomGrayscale"):
+        if hasattr(layers, name):
+            register_layer_facts(getattr(layers, name), LayerFacts(MIXES))
     joins = LayerFacts(JOINS)
     for layer_class in (layers.Add, layers.Subtract, layers.Multiply, layers.Maximum, layers.Minimum,
                         layers.Average):

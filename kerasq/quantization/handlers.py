@@ -486,6 +486,14 @@ def get_handler(layer):
     return None
 
 
+_AUGMENTATION_LAYERS = (
+    "RandomFlip", "RandomRotation", "RandomTranslation", "RandomZoom", "RandomShear", "RandomContrast",
+    "RandomBrightness", "RandomErasing", "RandomGaussianBlur", "RandomSharpness", "RandomPerspective",
+    "RandomElasticTransform", "RandomHue", "RandomSaturation", "RandomColorJitter",
+    "RandomColorDegeneration", "RandomPosterization", "RandomInvert", "RandomGrayscale",
+)
+
+
 def _register_builtin_handlers():
     pass_through = LayerHandler(output=PASS_THROUGH)
     for layer_class in (
@@ -517,6 +525,11 @@ def _register_builtin_handlers():
         layers.Rescaling,
     ):
         register_handler(layer_class, quantize)
+    # Data augmentation: the input itself at inference (so nothing in the file); while training, values
+    # moved or mixed within the input's range, which the input's quantization keeps covering.
+    for name in _AUGMENTATION_LAYERS:
+        if hasattr(layers, name):
+            register_handler(getattr(layers, name), pass_through)
     register_handler(layers.Concatenate, LayerHandler(output=QUANTIZE, producers_take_output_scale=True))
     fusing = LayerHandler(output=QUANTIZE, fuses_activation=True)
     for layer_class in (layers.Add, layers.Subtract):
