@@ -1143,3 +1143,16 @@ def test_augmentation_layers_train_with_qat_and_leave_nothing_in_the_file(digits
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
     assert sorted(set(tflite.ops)) == ["CONV_2D", "FULLY_CONNECTED", "RESHAPE"] and tflite.is_fully_integer
     assert kerasq.verify_tflite(qat, tflite, x_test).passed
+
+
+def test_float64_constants_are_cast_where_exact_and_named_where_not():
+    def model_scaled_by(value):
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(4)(inputs)
+        return keras.Model(inputs, keras.layers.Dense(2)(hidden * value))
+
+    qat = kerasq.quantize_model(model_scaled_by(1 / np.sqrt(4.0)))  # 0.5: exact in float32
+    qat(RNG.uniform(size=(8, 4)).astype("float32"), training=True)
+    assert kerasq.TFLiteModel(kerasq.export_tflite(qat)).is_fully_integer
+    with pytest.raises(ValueError, match=r"float64 constants change.*Multiply.*0\.577.*np\.float32"):
+        kerasq.quantize_model(model_scaled_by(1 / np.sqrt(3.0)))

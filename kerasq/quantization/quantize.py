@@ -1,6 +1,7 @@
 """`quantize_model` and its tfmot-style relatives: turn a float Keras model into a QAT model."""
 
 import keras
+import numpy as np
 
 from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
@@ -167,6 +168,8 @@ def _quantize(model, scheme, skip, annotated_only):
         step = plan[node.id]
         if step.action == _FOLDED:
             return args[0]
+        if not isinstance(node.layer, keras.layers.Layer):
+            args, kwargs = keras.tree.map_structure(_as_float32_constant, (args, kwargs))
         if step.action == _WRAP and graph.calls_of(node.layer) > 1:
             kwargs = {**kwargs, "call_index": graph.call_index(node)}
         if step.depthwise_rank == 2:
@@ -266,7 +269,7 @@ class _Step:
 
 def _plan(graph, scheme, skip, annotated_only):
     """Decides, per layer call, whether it is wrapped, left in float, or folded into its producer."""
-    steps, unsupported = {}, []
+    steps, unsupported, inexact = {}, [], []
     for node in graph.nodes:
         if node.is_input:
             continue
@@ -276,6 +279,7 @@ def _plan(graph, scheme, skip, annotated_only):
             # quantized: the converter turns it into the int8 op that the ranges around it call for.
             steps[node.id] = _Step(_FLOAT)
             steps[node.id].quantized_operation = not annotated_only and not skip(layer)
+            inexact.extend(_float64_constants_that_change(node))
             continue
         if annotated_only:
             wanted = isinstance(node.layer, QuantizeAnnotate)
@@ -291,6 +295,12 @@ def _plan(graph, scheme, skip, annotated_only):
         steps[node.id] = _Step(_WRAP, layer_scheme, handler)
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
+    if inexact:
+        raise ValueError(
+            "TFLite's int8 ops take float32 constants, and these float64 constants change when made "
+            "float32:\n" + "\n".join(inexact) + "\nWrite them as float32 in the model "
+            "(e.g. `x * np.float32(1 / np.sqrt(d))`, or a Python float instead of a NumPy float64)."
+        )
 
     for node in graph.nodes:
         step = steps.get(node.id)
@@ -430,6 +440,23 @@ def _keep_zeros(model):
             variable.constraint = constraint
             if attribute is not None:
                 setattr(layer, attribute, constraint)
+
+
+def _float64_constants_that_change(node):
+    """Lines naming the float64 NumPy constants of a bare operation that float32 cannot hold exactly."""
+    found = []
+    for leaf in keras.tree.flatten((node.args, node.kwargs)):
+        if isinstance(leaf, (np.ndarray, np.generic)) and leaf.dtype == np.float64:
+            if not np.array_equal(np.asarray(leaf, np.float32).astype(np.float64), leaf):
+                found.append(f"  - '{node.path}' ({type(node.layer).__name__}): {np.asarray(leaf).ravel()[:4].tolist()}")
+    return found
+
+
+def _as_float32_constant(value):
+    """A float64 NumPy constant as float32 (the planning checked that nothing changes)."""
+    if isinstance(value, (np.ndarray, np.generic)) and value.dtype == np.float64:
+        return np.asarray(value, np.float32) if isinstance(value, np.ndarray) else np.float32(value)
+    return value
 
 
 def _untrained(batchnorm):
