@@ -26,6 +26,7 @@ import numpy as np
 
 import kerasq
 from kerasq.clustering import distinct_values, quantize_preserving_clusters, tflite_weights
+from kerasq.export.flatbuffer import read_graph
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, build_model
 
@@ -72,9 +73,15 @@ def _measure(content, data):
     tflite = kerasq.TFLiteModel(content)
     accuracy = float(np.mean(np.argmax(tflite.predict(x_test), -1) == y_test))
     codes = None
-    kernels = [w for w in tflite_weights(content).values() if w.dtype == np.int8]
-    if kernels:
-        codes = max(distinct_values(w, axis=0) for w in kernels)  # TFLite kernels: output channels first
+    kernels = tflite_weights(content)
+    infos = {info.name: info for info in read_graph(bytes(content)).tensors}
+    counts = [
+        # Per output channel: the axis the file quantizes per channel (3 for depthwise kernels).
+        distinct_values(w, axis=infos[name].quantized_dimension if len(infos[name].scales) > 1 else None)
+        for name, w in kernels.items() if w.dtype == np.int8
+    ]
+    if counts:
+        codes = max(counts)
     return dict(gzip=len(gzip.compress(bytes(content), 9)), size=len(content), accuracy=accuracy, codes=codes)
 
 

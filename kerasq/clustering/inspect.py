@@ -12,11 +12,7 @@ Example:
 
 import numpy as np
 
-from kerasq.export.flatbuffer import litert_schema, read_graph
-
-_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32, "float32": np.float32,
-           "float16": np.float16, "int64": np.int64}
-
+from kerasq.export.flatbuffer import constant_values, read_graph
 
 def tflite_weights(content, min_rank=2):
     """`{tensor name: array}` of the constant tensors of rank >= `min_rank` in a .tflite file (its
@@ -25,23 +21,8 @@ def tflite_weights(content, min_rank=2):
         with open(content, "rb") as f:
             content = f.read()
     content = bytes(content)
-    schema = litert_schema()
-    model = schema.Model.GetRootAs(content, 0)
-    subgraph = model.Subgraphs(0)
-    graph = read_graph(content)
-    result = {}
-    for info in graph.tensors:
-        if not info.is_constant or info.dtype not in _DTYPES or len(info.shape) < min_rank:
-            continue
-        buffer = model.Buffers(subgraph.Tensors(info.index).Buffer())
-        if buffer.DataLength():
-            raw = buffer.DataAsNumpy().tobytes()
-        else:  # stored after the flatbuffer (large models)
-            raw = content[buffer.Offset(): buffer.Offset() + buffer.Size()]
-        array = np.frombuffer(raw, _DTYPES[info.dtype])
-        if array.size == int(np.prod(info.shape)):
-            result[info.name] = array.reshape(info.shape)
-    return result
+    names = {info.index: info.name for info in read_graph(content).tensors}
+    return {names[index]: value for index, value in constant_values(content).items() if value.ndim >= min_rank}
 
 
 def distinct_values(array, axis=None):

@@ -110,10 +110,14 @@ def constant_values(content):
         if dtype is None or tensor.Buffer() >= model.BuffersLength():
             continue
         buffer = model.Buffers(tensor.Buffer())
-        if buffer.DataLength() == 0:
+        if buffer.DataLength():
+            raw = buffer.DataAsNumpy().tobytes()
+        elif buffer.Offset() > 1:  # large models keep their buffers after the flatbuffer itself
+            raw = bytes(content[buffer.Offset(): buffer.Offset() + buffer.Size()])
+        else:
             continue
         shape = tuple(int(d) for d in _ints(tensor, "Shape"))
-        data = np.frombuffer(buffer.DataAsNumpy().tobytes(), dtype=dtype)
+        data = np.frombuffer(raw, dtype=dtype)
         if data.size == int(np.prod(shape)):
             values[i] = data.reshape(shape)
     return values
