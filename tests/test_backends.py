@@ -79,8 +79,9 @@ def test_qat_model_trained_on_jax_exports_and_matches_its_file(trained_on_jax):
 
     info = json.loads((trained_on_jax / "backend.json").read_text())
     assert info["backend"] == "jax" and info["float_accuracy"] > 0.8
-    # QAT on JAX learns as on TensorFlow: no worse than float, less a few test images of CPU noise.
-    assert info["qat_accuracy"] >= info["float_accuracy"] - 3 / 450
+    # QAT on JAX learns as on TensorFlow: within the demo's 1 point of float (4 or 5 test images,
+    # more than the CPU-to-CPU noise of a sample or two).
+    assert info["qat_accuracy"] >= info["float_accuracy"] - 0.01
     qat = keras.models.load_model(trained_on_jax / "qat.keras")
     (_, _), (x_test, _) = load_digits()
     # Same weights and ranges on the other backend: the fake-quantized logits agree to float rounding
