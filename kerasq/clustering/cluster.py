@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 from kerasq import _keras_private
-from kerasq.graph import Rewrite, wrappers
+from kerasq.graph import Rewrite, all_layers, wrappers
 from kerasq.graph.selection import layer_predicate
 from kerasq.clustering import centroids as centroids_lib
 from kerasq.clustering.wrapper import (
@@ -120,21 +120,7 @@ def cluster_scope(*custom_objects):
 
 def clustering_layers(model):
     """The `ClusterWeights` layers of `model`, nested models included, each once."""
-    found, seen = [], set()
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        if isinstance(layer, ClusterWeights):
-            found.append(layer)
-        for child in getattr(layer, "layers", None) or ():
-            visit(child)
-        if isinstance(layer, keras.layers.Wrapper):
-            visit(layer.layer)
-
-    visit(model)
-    return found
+    return [layer for layer in all_layers(model) if isinstance(layer, ClusterWeights)]
 
 
 def _cluster_layer(layer, options, **extra):

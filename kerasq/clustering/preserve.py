@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerasq.graph import Rewrite, layer_facts, wrappers
+from kerasq.graph import Rewrite, all_layers, layer_facts, wrappers
 from kerasq.clustering.wrapper import ClusterWeights, ClusterableLayer, channel_ids_of, clusterable_weights
 
 
@@ -137,7 +137,7 @@ def quantize_preserving_clusters(model, scheme="int8", skip=(), max_clusters=256
     from kerasq.quantization.quantize import quantize_model
 
     qat = quantize_model(prepared, scheme=scheme, skip=skip)
-    for layer in _all_layers(qat):
+    for layer in all_layers(qat):
         plain = wrappers.unwrap(layer)
         for name, constraint in constraints.get(plain.name, {}).items():
             variable = getattr(plain, name, None)
@@ -149,7 +149,7 @@ def quantize_preserving_clusters(model, scheme="int8", skip=(), max_clusters=256
 def clustered_kernels(model):
     """`{layer name: [weight names]}` of the kernels held on clusters by `ClusterConstraint`."""
     found, seen = {}, set()
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         plain = wrappers.unwrap(layer)
         if id(plain) in seen:
             continue
@@ -194,14 +194,3 @@ def _constraint_key(layer, name, config):
         if key and key in config:
             return key
     return None
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-        inner = layer
-        while isinstance(inner, keras.layers.Wrapper):
-            inner = inner.layer
-            yield inner

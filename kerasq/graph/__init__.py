@@ -21,7 +21,7 @@ from kerasq.graph.facts import (
     layer_facts,
     register_layer_facts,
 )
-from kerasq.graph.reader import LayerGraph, Node, TensorRef
+from kerasq.graph.reader import LayerGraph, Node, TensorRef, all_layers
 from kerasq.graph.registry import ClassRegistry, Registration
 from kerasq.graph.reindex import reindex_channels
 from kerasq.graph.rewrite import Rewrite, UniqueNames

@@ -297,6 +297,26 @@ class _NodeOutputs:
         return TensorRef(self.node_id, index)
 
 
+def all_layers(model):
+    """Every layer of `model` once, in order: the layers of nested models and the layers inside
+    wrappers included (the model itself not)."""
+    found, seen = [], {id(model)}
+
+    def visit(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        found.append(layer)
+        for child in getattr(layer, "layers", None) or ():
+            visit(child)
+        if isinstance(layer, keras.layers.Wrapper):
+            visit(layer.layer)
+
+    for layer in getattr(model, "layers", None) or ():
+        visit(layer)
+    return found
+
+
 def _graph_config(model):
     """`model.get_config()`, with a clear error when a custom layer in it cannot be serialized."""
     try:

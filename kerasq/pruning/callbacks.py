@@ -32,27 +32,13 @@ import os
 
 import keras
 
+from kerasq.graph import all_layers
 from kerasq.pruning.wrapper import PruneLowMagnitude
 
 
 def pruning_layers(model):
     """The `PruneLowMagnitude` layers of `model`, nested models included, each once."""
-    found, seen = [], set()
-
-    def visit(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        if isinstance(layer, PruneLowMagnitude):
-            found.append(layer)
-        for child in getattr(layer, "layers", None) or ():
-            visit(child)
-        inner = getattr(layer, "layer", None)
-        if isinstance(layer, keras.layers.Wrapper) and inner is not None:
-            visit(inner)
-
-    visit(model)
-    return found
+    return [layer for layer in all_layers(model) if isinstance(layer, PruneLowMagnitude)]
 
 
 def step(model):

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 
 from kerasq.constraints import KeepZeros
-from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
+from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, wrappers
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
@@ -116,7 +116,7 @@ def quantize_scope(*custom_objects):
 
 def is_quantized(model):
     """True if `model` holds kerasq fake-quantization layers (so it exports to an int8 file)."""
-    return any(isinstance(layer, (Quantize, QuantizeWrapper)) for layer in _all_layers(model))
+    return any(isinstance(layer, (Quantize, QuantizeWrapper)) for layer in all_layers(model))
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
@@ -491,11 +491,3 @@ def _strip_quantize_wrapper(wrapper, rewrite, **clone_options):
 
 wrappers.register_wrapper(QuantizeAnnotate)
 wrappers.register_wrapper(QuantizeWrapper, _strip_quantize_wrapper)
-
-
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-
