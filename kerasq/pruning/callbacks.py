@@ -65,17 +65,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs=None):
-        if keras.backend.backend() == "jax":
-            # JAX's fit carries the model's state from batch to batch outside the variables, so masks
-            # recomputed between batches would not reach the training step.
-            raise NotImplementedError(
-                "Pruning with fit does not run on the JAX backend yet: prune on the TensorFlow backend "
-                "(KERAS_BACKEND=tensorflow), or train the pruned, stripped model on JAX with "
-                "kerasq.quantize_model(stripped, preserve_sparsity=True) to keep its zeros."
-            )
         self._layers = pruning_layers(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
+        _sync_state_from_training(self.model)
         for layer in self._layers:
             if layer.built:
                 layer.advance_step()
@@ -84,6 +77,14 @@ class UpdatePruningStep(keras.callbacks.Callback):
         for layer in self._layers:
             if layer.built:
                 layer.apply_masks()
+
+
+def _sync_state_from_training(model):
+    """Brings the state JAX's `fit` carries between batches back into the model's variables, so
+    the masks and step written here reach the next training step (`fit` reads the variables again
+    after a sync). A no-op on the other backends, whose variables are the training state."""
+    if keras.backend.backend() == "jax" and hasattr(model, "jax_state_sync"):
+        model.jax_state_sync()
 
 
 class PruningSummaries(keras.callbacks.Callback):
@@ -129,6 +130,7 @@ class PruningSummaries(keras.callbacks.Callback):
     def _write(self):
         import tensorflow as tf
 
+        _sync_state_from_training(self.model)
         with self._writer.as_default():
             for layer in self._layers:
                 if not layer.built:

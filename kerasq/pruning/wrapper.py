@@ -130,7 +130,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         self.pruning_step = self.add_weight(
             name="pruning_step",
             shape=(),
-            dtype="int64",
+            dtype="int32",
             initializer=keras.initializers.Constant(-1),
             trainable=False,
             aggregation="only_first_replica",
