@@ -20,7 +20,7 @@ from kerasq.export import (
     register_export_hook,
     verify_tflite,
 )
-from kerasq.graph import LayerFacts, register_layer_facts
+from kerasq.graph import LayerFacts, estimate_macs, register_layer_facts
 from kerasq.pruning import (
     ConstantSparsity,
     PolynomialDecay,

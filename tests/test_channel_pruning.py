@@ -237,3 +237,39 @@ def test_global_parameter_target(keep_params):
     assert slim(_random(1, 16, 16, 3)).shape == (1, 4)
     with pytest.raises(ValueError, match="keep_params"):
         prune_channels(model, keep_params=0.0)
+
+
+@pytest.mark.parametrize("keep_macs", [0.6, 0.3])
+def test_global_macs_target(keep_macs):
+    model = _randomize(_resnet_style())
+    slim = prune_channels(model, keep_macs=keep_macs)
+    kept = kerasq.estimate_macs(slim) / kerasq.estimate_macs(model)
+    # As for parameters: the fewest channel removals that reach the target, so at most one channel
+    # (a few percent of this small model's MACs) below it.
+    assert keep_macs - 0.08 <= kept <= keep_macs, kept
+    with pytest.raises(ValueError, match="keep_macs"):
+        prune_channels(model, keep_macs=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        prune_channels(model, keep_macs=0.5, keep_params=0.5)
+
+
+def test_estimate_macs_counts_each_kernel_at_its_positions():
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(inputs)  # 8x8 out
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="depthwise")(x)  # 8x8x16
+    x = keras.layers.SeparableConv2D(12, 3, padding="valid", name="separable")(x)  # 6x6x12
+    x = keras.layers.Conv2DTranspose(4, 2, strides=2, name="transpose")(x)  # 6x6 in, 12x12 out
+    x = keras.layers.Reshape((144, 4))(x)
+    outputs = keras.layers.Dense(5, name="dense")(x)  # at 144 positions
+    model = keras.Model(inputs, outputs)
+    expected = {
+        "conv": 8 * 8 * (3 * 3 * 3 * 8),
+        "depthwise": 8 * 8 * (3 * 3 * 8 * 2),
+        "separable": 6 * 6 * (3 * 3 * 16 * 1 + 16 * 12),
+        "transpose": 6 * 6 * (2 * 2 * 4 * 12),
+        "dense": 144 * (4 * 5),
+    }
+    assert kerasq.graph.layer_macs(model) == expected
+    assert kerasq.estimate_macs(model) == sum(expected.values())
+    with pytest.raises(ValueError, match="input size is not fixed"):
+        kerasq.estimate_macs(keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 3)]))

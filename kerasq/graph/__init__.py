@@ -9,6 +9,7 @@ holds the graph patterns transforms share (BatchNorm folding, activation fusion)
 
 from kerasq.graph import rules
 from kerasq.graph.channels import ChannelGroup, channel_groups
+from kerasq.graph.cost import estimate_macs, layer_macs
 from kerasq.graph.facts import (
     CONCATENATES,
     JOINS,

@@ -21,14 +21,14 @@ import math
 import keras
 import numpy as np
 
-from kerasq.graph import LayerGraph, channel_groups, facts, reindex_channels, rules, weight
+from kerasq.graph import LayerGraph, channel_groups, estimate_macs, facts, reindex_channels, rules, weight
 from kerasq.graph.wrappers import unwrap
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor")
 
 
 def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channels=1, round_to=1, data=None,
-                   loss=None, keep_params=None):
+                   loss=None, keep_params=None, keep_macs=None):
     """Returns a narrower copy of `model` without the least important channels; `model` is unchanged.
 
     Args:
@@ -50,6 +50,8 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
             model's parameters to keep, in (0, 1]. Channels are removed across all groups, least
             important first (scores scaled to mean 1 within each group), until the channels'
             weights removed reach the target.
+        keep_macs: the same target for the multiply-accumulates per inference
+            (`kerasq.estimate_macs`), the measure closer to latency: the fraction to keep, in (0, 1].
 
     Channel groups that reach a model input or output, a Flatten that mixes positions, or a layer
     kerasq has no facts for keep all their channels.
@@ -58,10 +60,14 @@ def prune_channels(model, ratio=0.5, *, criterion="l1", ratios=None, min_channel
     graph = LayerGraph(model)
     groups = channel_groups(graph)
     taylor = _taylor_scores(model, graph, groups, data, loss) if criterion == "taylor" else None
-    if keep_params is not None:
-        if not 0.0 < keep_params <= 1.0:
-            raise ValueError(f"keep_params is the fraction of parameters to keep, in (0, 1]; got {keep_params}.")
-        ratios = _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min_channels)
+    if keep_params is not None and keep_macs is not None:
+        raise ValueError("Give keep_params or keep_macs, not both: one global target at a time.")
+    for name, fraction, cost in (("keep_params", keep_params, _count_params), ("keep_macs", keep_macs, estimate_macs)):
+        if fraction is None:
+            continue
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"{name} is the fraction to keep, in (0, 1]; got {fraction}.")
+        ratios = _ratios_for_target(model, graph, groups, criterion, taylor, cost, fraction, min_channels)
         ratio = 0.0
     keep = _choose_channels(graph, groups, ratio, criterion, ratios or {}, min_channels, round_to, taylor)
     return reindex_channels(graph, groups, keep)
@@ -116,10 +122,11 @@ def _choose_channels(graph, groups, ratio, criterion, ratios, min_channels, roun
     return keep
 
 
-def _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min_channels):
+def _ratios_for_target(model, graph, groups, criterion, taylor, cost, keep_fraction, min_channels):
     """Per-group ratios ({producer name: ratio}) that remove the least important channels across
-    the model, as few as reach (1 - keep_params) of its parameters removed. Found by bisection on
-    how many of the globally ranked channels go, counting the parameters of each candidate model."""
+    the model, as few as bring `cost(model)` (parameters, MACs) down to `keep_fraction` of the
+    original. Found by bisection on how many of the globally ranked channels go, costing each
+    candidate model."""
     candidates = []  # (score scaled within its group, group)
     for group in _prunable_groups(graph, groups):
         scores = (taylor or {}).get(group.id)
@@ -128,7 +135,7 @@ def _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min
         scaled = np.sort(scores / max(float(np.mean(scores)), 1e-12))
         candidates.extend((float(value), group) for value in scaled[: max(0, group.size - min_channels)])
     candidates.sort(key=lambda item: item[0])
-    target = keep_params * model.count_params()
+    target = keep_fraction * cost(model)
 
     def ratios_for(count):
         removed = {}
@@ -138,18 +145,22 @@ def _ratios_for_params(model, graph, groups, criterion, taylor, keep_params, min
         return {node.layer.name: (removed[g.id] + 0.5) / g.size
                 for g in groups if g.id in removed for node in g.producers}
 
-    def params_after(count):
+    def cost_after(count):
         keep = _choose_channels(graph, groups, 0.0, criterion, ratios_for(count), min_channels, 1, taylor)
-        return reindex_channels(graph, groups, keep).count_params()
+        return cost(reindex_channels(graph, groups, keep))
 
     low, high = 0, len(candidates)
     while low < high:  # the fewest removals that reach the target
         middle = (low + high) // 2
-        if params_after(middle) <= target:
+        if cost_after(middle) <= target:
             high = middle
         else:
             low = middle + 1
     return ratios_for(low)
+
+
+def _count_params(model):
+    return model.count_params()
 
 
 def _prunable_groups(graph, groups):
