@@ -36,11 +36,16 @@ from kerasq.pruning import (
 from kerasq.pruning.channels import penalize_batchnorm_scales, prune_channels
 from kerasq.quantization import (
     ActivationQuantizer,
+    DelayQuantization,
+    FreezeBatchNorm,
+    FreezeRanges,
+    QuantizationSummaries,
     QuantizationScheme,
     Quantize,
     QuantizeAnnotate,
     QuantizeWrapper,
     WeightQuantizer,
+    calibrate_ranges,
     is_quantized,
     quantize_annotate_layer,
     quantize_annotate_model,

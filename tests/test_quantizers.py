@@ -111,7 +111,7 @@ def test_weight_quantizer_config_round_trip():
     quantizer = WeightQuantizer(bits=6, per_channel=False, narrow_range=True)
     restored = WeightQuantizer.from_config(quantizer.get_config())
     assert restored == quantizer
-    assert restored.get_config() == {"bits": 6, "per_channel": False, "narrow_range": True}
+    assert restored.get_config() == {"bits": 6, "per_channel": False, "narrow_range": True, "estimator": "max"}
     assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(quantizer)) == quantizer
     assert WeightQuantizer(bits=6) != quantizer
 

@@ -19,18 +19,18 @@ from kerasq.validation import check_input_data, expected_text
 MAX_CALIBRATION_SAMPLES = 300
 
 
-def calibration_samples(data, specs):
-    """Validates calibration data and returns up to MAX_CALIBRATION_SAMPLES samples per input.
+def calibration_samples(data, specs, what="representative_data", max_samples=MAX_CALIBRATION_SAMPLES):
+    """Validates calibration data and returns up to `max_samples` samples per input.
 
     `data` is an array, a list/tuple of arrays (multi-input, in `specs` order), a dict keyed by input
     name, or an iterable of such batches (a generator, a `tf.data.Dataset`; `(x, y)` batches are fine).
+    `what` names the argument in error messages.
     """
-    what = "representative_data"
     if isinstance(data, dict) or _is_array_data(data, specs):
         arrays = check_input_data(data, specs, what)
         n = arrays[0].shape[0]
-        if n > MAX_CALIBRATION_SAMPLES:  # evenly spread, so sorted data still covers every class
-            keep = np.linspace(0, n - 1, MAX_CALIBRATION_SAMPLES).round().astype(int)
+        if n > max_samples:  # evenly spread, so sorted data still covers every class
+            keep = np.linspace(0, n - 1, max_samples).round().astype(int)
             arrays = [a[keep] for a in arrays]
         return arrays
     if isinstance(data, (str, bytes)):
@@ -46,11 +46,11 @@ def calibration_samples(data, specs):
         arrays = check_input_data(_strip_targets(batch, specs), specs, f"{what} (batch {k})")
         batches.append(arrays)
         count += arrays[0].shape[0]
-        if count >= MAX_CALIBRATION_SAMPLES:
+        if count >= max_samples:
             break
     if not batches:
         raise ValueError(f"{what} is empty; expected {expected_text(specs)}.")
-    return [np.concatenate(parts)[:MAX_CALIBRATION_SAMPLES] for parts in zip(*batches)]
+    return [np.concatenate(parts)[:max_samples] for parts in zip(*batches)]
 
 
 def representative_dataset(samples, input_names):

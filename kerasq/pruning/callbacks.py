@@ -34,6 +34,8 @@ import keras
 
 from kerasq.graph import all_layers
 from kerasq.pruning.wrapper import PruneLowMagnitude
+from kerasq.summaries import scalar_writer, write_scalar
+from kerasq.training_state import sync_state_from_training
 
 
 def pruning_layers(model):
@@ -68,7 +70,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._layers = pruning_layers(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
-        _sync_state_from_training(self.model)
+        sync_state_from_training(self.model)
         for layer in self._layers:
             if layer.built:
                 layer.advance_step()
@@ -77,14 +79,6 @@ class UpdatePruningStep(keras.callbacks.Callback):
         for layer in self._layers:
             if layer.built:
                 layer.apply_masks()
-
-
-def _sync_state_from_training(model):
-    """Brings the state JAX's `fit` carries between batches back into the model's variables, so
-    the masks and step written here reach the next training step (`fit` reads the variables again
-    after a sync). A no-op on the other backends, whose variables are the training state."""
-    if keras.backend.backend() == "jax" and hasattr(model, "jax_state_sync"):
-        model.jax_state_sync()
 
 
 class PruningSummaries(keras.callbacks.Callback):
@@ -109,11 +103,9 @@ class PruningSummaries(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        import tensorflow as tf
-
         self._layers = pruning_layers(self.model)
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "pruning"))
+            self._writer = scalar_writer(os.path.join(self.log_dir, "pruning"))
 
     def on_train_batch_end(self, batch, logs=None):
         if self.update_freq != "epoch" and (batch + 1) % self.update_freq == 0:
@@ -128,9 +120,7 @@ class PruningSummaries(keras.callbacks.Callback):
             self._writer.flush()
 
     def _write(self):
-        import tensorflow as tf
-
-        _sync_state_from_training(self.model)
+        sync_state_from_training(self.model)
         with self._writer.as_default():
             for layer in self._layers:
                 if not layer.built:
@@ -140,15 +130,6 @@ class PruningSummaries(keras.callbacks.Callback):
                 if layer.sparsity_m_by_n is not None:
                     m, n = layer.sparsity_m_by_n
                     target = 1.0 - m / n
-                _write_scalar(f"{layer.name}/sparsity", layer.sparsity(), step_value)
-                _write_scalar(f"{layer.name}/target_sparsity", float(target), step_value)
+                write_scalar(f"{layer.name}/sparsity", layer.sparsity(), step_value)
+                write_scalar(f"{layer.name}/target_sparsity", float(target), step_value)
         self._writer.flush()
-
-
-def _write_scalar(tag, value, step):
-    """What `tf.summary.scalar` writes, without needing the tensorboard package installed
-    (TensorFlow 2.21 no longer brings it along)."""
-    import tensorflow as tf
-
-    metadata = tf.compat.v1.SummaryMetadata(plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
-    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)

@@ -10,6 +10,8 @@ from kerasq.quantization.handlers import (
     get_handler,
     register_handler,
 )
+from kerasq.quantization.calibrate import calibrate_ranges
+from kerasq.quantization.callbacks import DelayQuantization, FreezeBatchNorm, FreezeRanges, QuantizationSummaries
 from kerasq.quantization.layers import Quantize, QuantizeWrapper
 from kerasq.quantization.quantize import (
     QuantizeAnnotate,

@@ -4,6 +4,7 @@ import contextlib
 import contextvars
 
 import keras
+import numpy as np
 from keras import ops
 
 from kerasq import _keras_private
@@ -50,12 +51,21 @@ class Quantize(keras.layers.Layer):
         if isinstance(quantizer, dict):
             quantizer = keras.saving.deserialize_keras_object(quantizer)
         self.quantizer = quantizer or ActivationQuantizer()
+        self.quantization_enabled = True  # False while kerasq.DelayQuantization holds it in float
 
     def build(self, input_shape):
         self._range = self.quantizer.build(self)
 
     def call(self, inputs, training=None):
-        return self.quantizer(inputs, self._range, training=bool(training))
+        return self.quantizer(inputs, self._range, training=bool(training), enabled=self.quantization_enabled)
+
+    def quantization_ranges(self):
+        """{"output": (min, max)}: the range this layer quantizes with."""
+        return ranges_of(self.range_states())
+
+    def range_states(self):
+        """`[(name, quantizer, range variables)]` of this layer's activation ranges."""
+        return [("output", self.quantizer, self._range)]
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -114,6 +124,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 f"({type(layer).__name__}): only a Conv/Dense with a linear activation takes one."
             )
         self.batchnorm = batchnorm
+        # Switched by callbacks between training phases (kerasq.DelayQuantization, FreezeBatchNorm).
+        self.quantization_enabled = True
+        self.batchnorm_frozen = False
         if isinstance(quantize_output, (list, tuple)):
             if not quantize_output:
                 raise ValueError("quantize_output needs one bool per call of the layer; got none.")
@@ -205,8 +218,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = quantizer.round_like_tflite(outputs, state)
         output_quantizer = self._output_quantizers[call_index]
         if output_quantizer is not None:
-            outputs = output_quantizer(outputs, ranges["output"], training=training)
+            outputs = output_quantizer(outputs, ranges["output"], training=training, enabled=self.quantization_enabled)
         return outputs
+
+    def _quantize_activation(self, x, state, training):
+        return self.scheme.activations(x, state, training=training, enabled=self.quantization_enabled)
 
     def _call_kernels(self, inputs, ranges, training):
         layer, handler = self.layer, self.handler
@@ -217,27 +233,43 @@ class QuantizeWrapper(keras.layers.Wrapper):
         else:
             outputs = self._linear_with_batchnorm(inputs, kernels, bias, ranges, training)
         if not self._activation_fuses:
-            outputs = self.scheme.activations(outputs, ranges["pre_activation"], training)
+            outputs = self._quantize_activation(outputs, ranges["pre_activation"], training)
         activation = getattr(layer, "activation", None)
         if activation is not None:
             outputs = handlers_lib.run_activation(activation, outputs)
         return outputs
 
-    def _quantize_kernels(self, kernels):
+    def _quantize_kernels(self, kernels, force=False):
         handler, layer = self.handler, self.layer
+        views = {name: handler.kernel_view(layer, name, kernel) for name, kernel in kernels.items()}
+        if not (self.quantization_enabled or force):
+            return views
         axes = handler.kernel_axes(layer) if self.calls == 1 else handler.shared_kernel_axes(layer)
-        return {
-            name: _quantize_kernel(
-                self.scheme.weights, handler.kernel_view(layer, name, kernel), axes[name]
-            )
-            for name, kernel in kernels.items()
-        }
+        return {name: _quantize_kernel(self.scheme.weights, view, axes[name]) for name, view in views.items()}
+
+    def weight_quantization_error(self):
+        """{kernel name: RMS of the rounding error / RMS of the kernel}, for each kernel as it is
+        deployed (a folded BatchNorm's scale included)."""
+        if not self.handler.has_kernels:
+            return {}
+        handler, layer = self.handler, self.layer
+        kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
+        if self.batchnorm is not None:
+            scale, _ = batchnorm_fold(self.batchnorm, ops.zeros(self.batchnorm.moving_mean.shape))
+            kernels = handler.fold_scale(layer, kernels, scale)
+        quantized = self._quantize_kernels(kernels, force=True)
+        errors = {}
+        for name, kernel in kernels.items():
+            view = ops.convert_to_numpy(handler.kernel_view(layer, name, kernel))
+            rounding = ops.convert_to_numpy(quantized[name]) - view
+            errors[name] = float(np.sqrt(np.mean(rounding**2)) / max(np.sqrt(np.mean(view**2)), 1e-12))
+        return errors
 
     def _linear(self, inputs, kernels, bias, ranges, training):
         handler = self.handler
         if isinstance(handler, handlers_lib.SeparableConvHandler):
             middle = handler.depthwise(self.layer, inputs, kernels)
-            middle = self.scheme.activations(middle, ranges["depthwise"], training)
+            middle = self._quantize_activation(middle, ranges["depthwise"], training)
             return handler.pointwise(self.layer, middle, kernels, bias)
         return handler.linear(self.layer, inputs, kernels, bias)
 
@@ -258,12 +290,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         scale, folded_bias = batchnorm_fold(bn, bias)
         folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
         freeze = self.scheme.freeze_batchnorm
-        if not training or not bn.trainable or freeze is True or freeze == "auto":
+        if not training or not bn.trainable or freeze is True or freeze == "auto" or self.batchnorm_frozen:
             return self._linear(inputs, folded, folded_bias, ranges, training)
         linear = self._linear(inputs, folded, None, ranges, training)
         unfolded = linear / scale + bias
         reduce_axes = tuple(range(len(unfolded.shape) - 1))
-        mean, variance = ops.moments(unfolded, axes=reduce_axes)
+        # As float BatchNormalization(synchronized=True) does: statistics of the global batch, so the
+        # moving statistics agree across replicas (otherwise each replica's copy follows its own).
+        mean, variance = ops.moments(unfolded, axes=reduce_axes, synchronized=getattr(bn, "synchronized", False))
         normalized = (unfolded - mean) * (gamma * ops.rsqrt(variance + bn.epsilon)) + beta
         momentum = bn.momentum
         moving_mean = bn.moving_mean * momentum + ops.stop_gradient(mean) * (1 - momentum)
@@ -292,16 +326,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
         A shared layer's later calls have their own, named with a `_call<i>` suffix.
         """
-        result = {}
+        return ranges_of(self.range_states())
+
+    def range_states(self):
+        """`[(name, quantizer, range variables)]` of every activation range this layer owns."""
+        states = []
         for index, ranges in enumerate(self._ranges):
             for name, state in ranges.items():
-                if name == "output":
-                    quantizer = self._output_quantizers[index]
-                else:
-                    quantizer = self.scheme.activations
-                low, high = quantizer.range(state)
-                result[name + _call_suffix(index)] = (float(low), float(high))
-        return result
+                quantizer = self._output_quantizers[index] if name == "output" else self.scheme.activations
+                states.append((name + _call_suffix(index), quantizer, state))
+        return states
 
     @property
     def output_range(self):
@@ -327,6 +361,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
             quantize_output=self.quantize_output,
         )
         return config
+
+
+def ranges_of(range_states):
+    """{name: (min, max)} of `[(name, quantizer, range variables)]`."""
+    result = {}
+    for name, quantizer, state in range_states:
+        low, high = quantizer.range(state)
+        result[name] = (float(low), float(high))
+    return result
 
 
 def _freezes_after_steps(freeze_batchnorm):

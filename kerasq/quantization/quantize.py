@@ -7,12 +7,14 @@ from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, wrappers
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
+from kerasq.quantization.calibrate import calibrate_ranges
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
 
-def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, preserve_clusters=False):
+def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, preserve_clusters=False,
+                   calibration_data=None):
     """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
 
     Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
@@ -32,6 +34,9 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
         preserve_clusters: keep a clustered model's kernels on their clusters (and zeros) through
             training, so each holds at most its number of clusters of int8 values per channel in
             the file (`kerasq.clustering.quantize_preserving_clusters`).
+        calibration_data: inputs (as for `predict`) to set every activation range from before
+            training, with the scheme's estimator (`kerasq.calibrate_ranges`), so QAT starts where
+            post-training quantization ends. Without it ranges start from the first training batch.
 
     Example:
     >>> import keras, kerasq
@@ -44,10 +49,13 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
     if preserve_clusters:
         from kerasq.clustering import quantize_preserving_clusters  # clustering builds on this module
 
-        return quantize_preserving_clusters(model, scheme=scheme, skip=skip)
-    quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False)
-    if preserve_sparsity:
+        quantized = quantize_preserving_clusters(model, scheme=scheme, skip=skip)
+    else:
+        quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False)
+    if preserve_sparsity and not preserve_clusters:
         _keep_zeros(quantized)
+    if calibration_data is not None:
+        calibrate_ranges(quantized, calibration_data)
     return quantized
 
 
@@ -81,7 +89,7 @@ def quantize_annotate_model(to_annotate):
     return Rewrite(to_annotate, annotate).run()
 
 
-def quantize_apply(model, scheme="int8"):
+def quantize_apply(model, scheme="int8", calibration_data=None):
     """Quantizes the layers marked with `quantize_annotate_layer`; the rest stays float (tfmot's name).
 
     Example:
@@ -92,7 +100,10 @@ def quantize_apply(model, scheme="int8"):
     >>> [type(layer).__name__ for layer in kerasq.quantize_apply(model).layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'Dense']
     """
-    return _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True)
+    quantized = _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True)
+    if calibration_data is not None:
+        calibrate_ranges(quantized, calibration_data)
+    return quantized
 
 
 def quantize_scope(*custom_objects):

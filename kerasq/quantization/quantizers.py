@@ -6,15 +6,54 @@ with are the ranges the exported file holds.
 
 - Weights are symmetric (zero point 0) with the narrow range [-(2^(b-1) - 1), 2^(b-1) - 1], per output
   channel or per tensor, and their range is the current absolute maximum ("last value").
-- Activations are asymmetric (or symmetric for 16-bit activations), with a range tracked by an
-  exponential moving average of the batch minimum and maximum during training, started from the first
-  batch seen.
+- Activations are asymmetric (or symmetric for 16-bit activations), with a range estimated from the
+  data (`estimator`): by default an exponential moving average of each batch's minimum and maximum,
+  started from the first batch seen; or the running extremes, percentiles, or the clipping that
+  minimises the squared quantization error. Ranges can also be learned by gradient descent.
+
+`calibrating()` switches every activation quantizer to calibration: it records statistics of the float
+activations it sees (a running mean of each batch's estimate; running extremes for "minmax") and
+passes them through unquantized, as post-training calibration does.
 """
+
+import contextlib
+import contextvars
 
 import keras
 from keras import ops
 
 _SERIALIZATION_PACKAGE = "kerasq"
+
+ESTIMATORS = ("ema_minmax", "minmax", "percentile", "mse")
+WEIGHT_ESTIMATORS = ("max", "mse")
+# Clipping candidates of the MSE estimators, as fractions of the full range: at 8 bits the best is
+# close to 1, at 2-4 bits often 0.4-0.8.
+_MSE_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
+
+_CALIBRATING = contextvars.ContextVar("kerasq_calibrating", default=False)
+_CLIPPING = contextvars.ContextVar("kerasq_clipping", default=None)
+
+
+@contextlib.contextmanager
+def clipping_recorded():
+    """While active, eager inference calls record the fraction of values each range clips, in the
+    dict yielded: {id of the range's `min` variable: fraction}."""
+    recorded = {}
+    token = _CLIPPING.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _CLIPPING.reset(token)
+
+
+@contextlib.contextmanager
+def calibrating():
+    """While active, activation quantizers record range statistics and return their input as is."""
+    token = _CALIBRATING.set(True)
+    try:
+        yield
+    finally:
+        _CALIBRATING.reset(token)
 
 
 class _Configurable:
@@ -40,6 +79,9 @@ class WeightQuantizer(_Configurable):
         per_channel: one scale per output channel where the layer type allows it (Conv, DepthwiseConv);
             TFLite's fully connected kernels take one scale per tensor whatever this says.
         narrow_range: use [-(2^(b-1) - 1), 2^(b-1) - 1], as TFLite's int8 spec requires of weights.
+        estimator: "max" (the range is the largest |w|) or "mse" (the clipping of each channel's range
+            that minimises the squared quantization error of its weights: at 4 bits and below, a few
+            clipped outliers cost less than coarse steps for all the others).
 
     Example:
     >>> import numpy as np
@@ -50,11 +92,13 @@ class WeightQuantizer(_Configurable):
     [[64, -127], [32, 13]]
     """
 
-    def __init__(self, bits=8, per_channel=True, narrow_range=True):
+    def __init__(self, bits=8, per_channel=True, narrow_range=True, estimator="max"):
         _check_bits(bits, "WeightQuantizer")
+        _check_choice(estimator, WEIGHT_ESTIMATORS, "WeightQuantizer estimator")
         self.bits = int(bits)
         self.per_channel = bool(per_channel)
         self.narrow_range = bool(narrow_range)
+        self.estimator = estimator
 
     def __call__(self, weights, channel_axis=None):
         """Fake-quantizes `weights`; `channel_axis=None` (or `per_channel=False`) means one scale."""
@@ -69,25 +113,68 @@ class WeightQuantizer(_Configurable):
         # An all-zero channel (a dead or pruned filter) gets scale 1/127 rather than 0: a zero scale
         # would divide by zero here and overflow the int32 bias in the exported file.
         max_abs = ops.where(ops.equal(max_abs, 0.0), ops.ones_like(max_abs), max_abs)
+        if self.estimator == "mse":
+            max_abs = max_abs * ops.stop_gradient(self._best_fraction(weights, max_abs, axis))
+        return self._fake_quant(weights, -max_abs, max_abs, axis)
+
+    def _fake_quant(self, weights, low, high, axis):
+        if self.bits < 4 and self.narrow_range:
+            return self._on_the_4bit_grid(weights, low, high, axis)
         return keras.quantizers.fake_quant_with_min_max_vars(
-            weights, -max_abs, max_abs, num_bits=self.bits, narrow_range=self.narrow_range, axis=axis
+            weights, low, high, num_bits=self.bits, narrow_range=self.narrow_range, axis=axis
         )
 
+    def _on_the_4bit_grid(self, weights, low, high, axis):
+        """2- and 3-bit weights as the 4-bit fake-quant of the clipped weights over a range 7/L times
+        wider (L = 2^(b-1) - 1 levels a side): the same values, k * high / L for |k| <= L, and a
+        range the converter stores as INT4 with the right scale. Given a 2- or 3-bit fake-quant op
+        it writes an INT4 tensor whose scale does not match its values (22 output steps off)."""
+        widen = 7.0 / (2.0 ** (self.bits - 1) - 1.0)
+        shape = [1] * len(weights.shape)
+        if axis is not None:
+            shape[axis] = -1
+        clipped = ops.clip(weights, ops.reshape(low, shape), ops.reshape(high, shape)) if axis is not None else ops.clip(weights, low, high)
+        return keras.quantizers.fake_quant_with_min_max_vars(
+            clipped, low * widen, high * widen, num_bits=4, narrow_range=True, axis=axis
+        )
+
+    def _best_fraction(self, weights, max_abs, axis):
+        """Per channel (or for the tensor), the fraction of `max_abs` with the least squared error.
+
+        Written with rounding and selection ops only (no fake-quant op, no argmin), so that on a
+        constant kernel the converter folds the whole search into the constant range it chose."""
+        reduce_axes = None if axis is None else tuple(i for i in range(len(weights.shape)) if i != axis)
+        shape = [1] * len(weights.shape)
+        if axis is not None:
+            shape[axis] = -1
+        levels = 2.0 ** (self.bits - 1) - 1.0
+        errors = []
+        for fraction in _MSE_FRACTIONS:
+            step = ops.reshape(max_abs * fraction / levels, shape)
+            rounded = ops.clip(ops.round(weights / step), -levels, levels) * step
+            errors.append(ops.sum(ops.square(rounded - weights), axis=reduce_axes))
+        errors = ops.stack(errors)
+        fractions = ops.reshape(ops.convert_to_tensor(_MSE_FRACTIONS, dtype=weights.dtype), (-1,) + (1,) * (errors.ndim - 1))
+        is_best = ops.less_equal(errors, ops.min(errors, axis=0, keepdims=True))
+        return ops.max(ops.where(is_best, fractions, 0.0), axis=0)
+
     def get_config(self):
-        return {"bits": self.bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range}
+        return {"bits": self.bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range,
+                "estimator": self.estimator}
 
     def __repr__(self):
-        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel})"
+        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel}, estimator={self.estimator!r})"
 
 
 @keras.saving.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
 class ActivationQuantizer(_Configurable):
-    """Fake-quantizer for activations with a range learned from the data.
+    """Fake-quantizer for activations with a range estimated from the data, or learned.
 
-    During training the range follows an exponential moving average of each batch's minimum and
-    maximum (`ema_decay`), starting from the first batch; at inference it is fixed. The range always
-    contains 0, so 0 is exactly representable (the TFLite zero point). A `fixed_range=(min, max)` is
-    used as it is, for ops whose output range TFLite fixes (softmax, logistic).
+    During training each batch gives an estimate of the range (`estimator`), folded into the stored
+    range by an exponential moving average (`ema_decay`) started from the first batch; "minmax"
+    keeps the running extremes instead. At inference the range is fixed. The range always contains
+    0, so 0 is exactly representable (the TFLite zero point). A `fixed_range=(min, max)` is used as
+    it is, for ops whose output range TFLite fixes (softmax, logistic).
 
     Its state (the range variables) belongs to the layer that calls it: `build(layer)` adds them.
 
@@ -97,12 +184,21 @@ class ActivationQuantizer(_Configurable):
         ema_decay: weight of the old range in the moving average, in [0, 1).
         init_min, init_max: the range before any batch is seen.
         fixed_range: `(min, max)` that never changes, or None.
+        estimator: how a batch's range is estimated: "ema_minmax" (its minimum and maximum, averaged
+            over batches), "minmax" (the extremes over all batches: nothing is ever clipped),
+            "percentile" (the `percentile`-th and (100 - `percentile`)-th percentiles: a few outliers
+            are clipped), or "mse" (the clipping of the batch's range that minimises the squared
+            quantization error of its values).
+        percentile: for "percentile", in (0, 100].
+        learn_range: the range is a trainable weight, learned by gradient descent through the
+            fake-quant op (clipped values pull it outwards, the loss decides); the estimator only
+            initializes it: from `calibration_data` at `quantize_model`, else from the first batch.
 
     Example:
     >>> from kerasq import ActivationQuantizer
-    >>> q = ActivationQuantizer(bits=8, ema_decay=0.9)
-    >>> q.get_config()["ema_decay"]
-    0.9
+    >>> q = ActivationQuantizer(bits=8, estimator="percentile", percentile=99.9)
+    >>> q.get_config()["estimator"], q.get_config()["percentile"]
+    ('percentile', 99.9)
     """
 
     def __init__(
@@ -113,10 +209,16 @@ class ActivationQuantizer(_Configurable):
         init_min=-6.0,
         init_max=6.0,
         fixed_range=None,
+        estimator="ema_minmax",
+        percentile=99.99,
+        learn_range=False,
     ):
         _check_bits(bits, "ActivationQuantizer")
+        _check_choice(estimator, ESTIMATORS, "ActivationQuantizer estimator")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {ema_decay}.")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], e.g. 99.99; got {percentile}.")
         if not init_min <= 0.0 <= init_max or init_min == init_max:
             raise ValueError(
                 f"init_min <= 0 <= init_max with init_min < init_max is required; got "
@@ -132,39 +234,67 @@ class ActivationQuantizer(_Configurable):
         self.init_min = float(init_min)
         self.init_max = float(init_max)
         self.fixed_range = fixed_range
+        self.estimator = estimator
+        self.percentile = float(percentile)
+        self.learn_range = bool(learn_range)
 
     def with_fixed_range(self, fixed_range):
         """A copy of this quantizer whose range is pinned to `fixed_range`."""
-        return ActivationQuantizer(**{**self.get_config(), "fixed_range": fixed_range})
+        return ActivationQuantizer(**{**self.get_config(), "fixed_range": fixed_range, "learn_range": False})
 
     def build(self, layer, prefix="output"):
-        """Adds the range variables to `layer` and returns them as a dict."""
+        """Adds the range variables to `layer` and returns them as a dict.
+
+        `seen` counts the batches the range was estimated from (0: none yet); a negative value
+        means the range is frozen (`kerasq.FreezeRanges`)."""
         low, high = self.fixed_range or (self.init_min, self.init_max)
+        trainable = self.learn_range and self.fixed_range is None
+        # Under a tf.distribute strategy each replica assigns the range from its own share of the
+        # batch. Keras's default aggregation ("none") writes only that replica's copy, so replicas
+        # (and workers) drift apart; "mean" all-reduces each write: every copy holds the moving
+        # average of the replicas' mean estimate. Reads stay local (ON_READ would all-reduce on
+        # every read, and a chief exporting alone would wait on its peers). `seen` is the same
+        # everywhere without it. Other backends ignore the setting.
         return {
             "min": layer.add_weight(
                 name=f"{prefix}_min", shape=(), initializer=keras.initializers.Constant(low),
-                trainable=False,
+                trainable=trainable, aggregation="mean",
             ),
             "max": layer.add_weight(
                 name=f"{prefix}_max", shape=(), initializer=keras.initializers.Constant(high),
-                trainable=False,
+                trainable=trainable, aggregation="mean",
             ),
             "seen": layer.add_weight(
                 name=f"{prefix}_seen", shape=(), initializer="zeros", trainable=False
             ),
         }
 
-    def __call__(self, x, state, training=False):
-        if training and self.fixed_range is not None:
-            # A fixed range (softmax, sigmoid, tanh) has nothing to learn, and rounding it in training
-            # makes the loss flat: a probability above 255/256 is clipped (zero gradient) and the
-            # others round to 0, so every confidently classified sample stops contributing (over 80%
-            # of a converged MobileNetV2's digits batches gave exactly zero gradient). Training sees
-            # the unrounded output, at most half a step (1/512) away; inference rounds as TFLite does.
+    def __call__(self, x, state, training=False, enabled=True):
+        """Fake-quantizes `x` with the range in `state`, updating the range when `training`.
+
+        `enabled=False` (`kerasq.DelayQuantization`) still tracks the range but returns `x` as is.
+        """
+        if self.fixed_range is not None:
+            if training or not enabled or _CALIBRATING.get():
+                # A fixed range (softmax, sigmoid, tanh) has nothing to learn, and rounding it in
+                # training makes the loss flat: a probability above 255/256 is clipped (zero gradient)
+                # and the others round to 0, so every confidently classified sample stops
+                # contributing (over 80% of a converged MobileNetV2's digits batches gave exactly
+                # zero gradient). Training sees the unrounded output, at most half a step (1/512)
+                # away; inference rounds as TFLite does.
+                return x
+        elif _CALIBRATING.get():
+            self._calibrate(ops.stop_gradient(x), state)
             return x
-        if training:
+        elif training:
             self._observe(ops.stop_gradient(x), state)
+        if not enabled:
+            return x
         low, high = self.range(state)
+        recorded = _CLIPPING.get()
+        if recorded is not None and not training:
+            outside = ops.logical_or(ops.less(x, low), ops.greater(x, high))
+            recorded[id(state["min"])] = float(ops.mean(ops.cast(outside, "float32")))
         return keras.quantizers.fake_quant_with_min_max_vars(
             x, low, high, num_bits=self.bits, narrow_range=self.symmetric
         )
@@ -197,21 +327,82 @@ class ActivationQuantizer(_Configurable):
             low = -high
         # An all-zero tensor would give an empty range and a zero scale.
         high = ops.maximum(high, low + 1e-6)
+        if self.learn_range and self.fixed_range is None:
+            frozen = ops.less(ops.convert_to_tensor(state["seen"]), 0.0)
+            low = ops.where(frozen, ops.stop_gradient(low), low)
+            high = ops.where(frozen, ops.stop_gradient(high), high)
         return low, high
 
+    # ---- estimating the range -------------------------------------------------------------------
+    def batch_range(self, x):
+        """This estimator's `(min, max)` for one batch of values, 0 included."""
+        x = ops.reshape(ops.cast(x, "float32"), (-1,))
+        if self.estimator == "percentile":
+            fraction = self.percentile / 100.0
+            low, high = ops.quantile(x, 1.0 - fraction), ops.quantile(x, fraction)
+        else:
+            low, high = ops.min(x), ops.max(x)
+        low, high = ops.minimum(low, 0.0), ops.maximum(high, 0.0)
+        if self.estimator == "mse":
+            low, high = self._least_error_clipping(x, low, high)
+        return low, high
+
+    def _least_error_clipping(self, x, low, high):
+        """Clips each end of the range separately (an outlier is often on one side only): first the
+        maximum with the minimum kept, then the minimum with the chosen maximum."""
+        high = self._least_error(x, lambda fraction: (low, ops.maximum(high * fraction, 1e-6)))[1]
+        return self._least_error(x, lambda fraction: (low * fraction, high))
+
+    def _least_error(self, x, candidate):
+        """The `candidate(fraction)` range, over `_MSE_FRACTIONS`, with the least squared error on `x`."""
+        errors, ranges = [], []
+        for fraction in _MSE_FRACTIONS:
+            low, high = candidate(fraction)
+            high = ops.maximum(high, low + 1e-6)
+            quantized = keras.quantizers.fake_quant_with_min_max_vars(
+                x, low, high, num_bits=self.bits, narrow_range=self.symmetric
+            )
+            errors.append(ops.mean(ops.square(quantized - x)))
+            ranges.append(ops.stack([low, high]))
+        best = ops.take(ops.stack(ranges), ops.argmin(ops.stack(errors)), axis=0)
+        return best[0], best[1]
+
     def _observe(self, x, state):
-        x = ops.cast(x, "float32")
-        # 0 joins each batch's range before averaging, as in TensorFlow's moving-average quantizers.
-        batch_min, batch_max = ops.minimum(ops.min(x), 0.0), ops.maximum(ops.max(x), 0.0)
-        first = ops.equal(state["seen"], 0.0)
-        decay = self.ema_decay
-        state["min"].assign(
-            ops.where(first, batch_min, decay * state["min"] + (1.0 - decay) * batch_min)
-        )
-        state["max"].assign(
-            ops.where(first, batch_max, decay * state["max"] + (1.0 - decay) * batch_max)
-        )
-        state["seen"].assign(1.0)
+        """One training batch: the moving average (or running extremes) of the batch estimates.
+        A frozen range (`seen` < 0) stays; a learned one is only initialized."""
+        batch_min, batch_max = self.batch_range(x)
+        seen = state["seen"]
+        first = ops.equal(seen, 0.0)
+        frozen = ops.less(seen, 0.0)
+        if self.learn_range:
+            new_min, new_max = batch_min, batch_max
+            update = first
+        elif self.estimator == "minmax":
+            new_min = ops.where(first, batch_min, ops.minimum(state["min"], batch_min))
+            new_max = ops.where(first, batch_max, ops.maximum(state["max"], batch_max))
+            update = ops.logical_not(frozen)
+        else:
+            decay = self.ema_decay
+            new_min = ops.where(first, batch_min, decay * state["min"] + (1.0 - decay) * batch_min)
+            new_max = ops.where(first, batch_max, decay * state["max"] + (1.0 - decay) * batch_max)
+            update = ops.logical_not(frozen)
+        state["min"].assign(ops.where(update, new_min, state["min"]))
+        state["max"].assign(ops.where(update, new_max, state["max"]))
+        state["seen"].assign(ops.where(frozen, seen, ops.minimum(seen + 1.0, 1e9)))
+
+    def _calibrate(self, x, state):
+        """One calibration batch: the running mean of the batch estimates (extremes for "minmax")."""
+        batch_min, batch_max = self.batch_range(x)
+        seen = ops.maximum(state["seen"], 0.0)
+        first = ops.equal(seen, 0.0)
+        if self.estimator == "minmax":
+            new_min, new_max = ops.minimum(state["min"], batch_min), ops.maximum(state["max"], batch_max)
+        else:
+            new_min = state["min"] + (batch_min - state["min"]) / (seen + 1.0)
+            new_max = state["max"] + (batch_max - state["max"]) / (seen + 1.0)
+        state["min"].assign(ops.where(first, batch_min, new_min))
+        state["max"].assign(ops.where(first, batch_max, new_max))
+        state["seen"].assign(seen + 1.0)
 
     def get_config(self):
         return {
@@ -221,10 +412,18 @@ class ActivationQuantizer(_Configurable):
             "init_min": self.init_min,
             "init_max": self.init_max,
             "fixed_range": list(self.fixed_range) if self.fixed_range else None,
+            "estimator": self.estimator,
+            "percentile": self.percentile,
+            "learn_range": self.learn_range,
         }
 
     def __repr__(self):
-        return f"ActivationQuantizer(bits={self.bits}, ema_decay={self.ema_decay})"
+        return f"ActivationQuantizer(bits={self.bits}, estimator={self.estimator!r}, ema_decay={self.ema_decay})"
+
+
+def _check_choice(value, choices, what):
+    if value not in choices:
+        raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}.")
 
 
 def _check_bits(bits, owner):
