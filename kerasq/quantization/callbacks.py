@@ -136,7 +136,9 @@ class FreezeRanges(_QuantizationCallback):
     """From epoch `at_epoch` on, activation ranges stay where they are (learned ones too).
 
     The freeze is part of the model's state (each range's `seen` counter turns negative), so it
-    survives saving; `kerasq.calibrate_ranges` starts the ranges again.
+    survives saving; `kerasq.calibrate_ranges` starts the ranges again. A frozen learned range gets
+    no gradient; while this callback runs it also undoes what an optimizer's momentum would still
+    move it by.
 
     Args:
         at_epoch: the first epoch (0-based) with fixed ranges.
@@ -145,6 +147,10 @@ class FreezeRanges(_QuantizationCallback):
     def __init__(self, at_epoch):
         super().__init__()
         self.at_epoch = _check_epoch(at_epoch, "FreezeRanges")
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._learned = []  # (variable, frozen value) of learned ranges, pinned after every batch
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch < self.at_epoch:
@@ -155,6 +161,17 @@ class FreezeRanges(_QuantizationCallback):
                 seen = float(keras.ops.convert_to_numpy(state["seen"]))
                 if quantizer.fixed_range is None and seen >= 0:
                     state["seen"].assign(-max(seen, 1.0))
+                if quantizer.learn_range and not self._learned_includes(state["min"]):
+                    self._learned += [(state[end], keras.ops.convert_to_numpy(state[end])) for end in ("min", "max")]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._learned:
+            sync_state_from_training(self.model)
+            for variable, value in self._learned:
+                variable.assign(value)
+
+    def _learned_includes(self, variable):
+        return any(known is variable for known, _ in self._learned)
 
 
 class QuantizationSummaries(_QuantizationCallback):
