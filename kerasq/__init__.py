@@ -54,6 +54,7 @@ from kerasq.quantization import (
     quantize_scope,
     register_handler,
 )
+from kerasq.quantization.gradients import QuantizedGradients
 from kerasq.transfer import TransferReport, deepen, migrate_legacy, transfer_weights, widen
 
 __version__ = "0.1.0"
