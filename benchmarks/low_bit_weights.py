@@ -1,0 +1,150 @@
+"""Lower weight bit widths: post-training quantization against QAT at 8, 4, 3 and 2-bit weights.
+
+For each seed: train the demo's digits CNN (`kerasq.demo.build_model()`) in float, then for each
+weight bit width b and each weight range estimator ("max", "mse"):
+- post-training: `quantize_model(model, scheme, calibration_data=x)` with no training step, exported;
+- QAT: the same model trained `--qat-epochs` epochs (Adam, cosine decay from `--qat-lr`), exported;
+and report the int8 file's test accuracy (mean and spread over the seeds), its parity with the
+Keras model (max output-step difference) and its size. Activations stay 8-bit.
+
+    python benchmarks/low_bit_weights.py [--seeds 0 1 2] [--epochs 12] [--qat-epochs 4]
+
+Writes benchmarks/results/low_bit_weights.md and low_bit_weights.png (with matplotlib).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+import kerasq
+from kerasq.data import load_digits
+from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BITS = (8, 4, 3, 2)
+ESTIMATORS = ("max", "mse")
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _fit(model, x, y, epochs, learning_rate):
+    steps = epochs * int(np.ceil(len(x) / BATCH_SIZE))
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)), LOSS)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, verbose=0)
+    return model
+
+
+def _file_figures(qat, x_test, y_test):
+    content = kerasq.export_tflite(qat)
+    tflite = kerasq.TFLiteModel(content)
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    return {"accuracy": tflite.evaluate(x_test, y_test), "max_steps": report.outputs[0].max_diff,
+            "passed": report.passed, "size_kb": len(content) / 1024}
+
+
+def run(args):
+    (x, y), (x_test, y_test) = load_digits()
+    rows = {}  # (bits, estimator, "ptq"/"qat") -> [figures per seed]
+    floats = []
+    for seed in args.seeds:
+        keras.utils.set_random_seed(seed)
+        model = _fit(build_model(), x, y, args.epochs, LEARNING_RATE)
+        floats.append(float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test)))
+        for bits in BITS:
+            for estimator in ESTIMATORS:
+                scheme = kerasq.QuantizationScheme(weights=kerasq.WeightQuantizer(bits=bits, estimator=estimator))
+                qat = kerasq.quantize_model(model, scheme, calibration_data=x)
+                rows.setdefault((bits, estimator, "ptq"), []).append(_file_figures(qat, x_test, y_test))
+                keras.utils.set_random_seed(seed)
+                _fit(qat, x, y, args.qat_epochs, args.qat_lr)
+                rows.setdefault((bits, estimator, "qat"), []).append(_file_figures(qat, x_test, y_test))
+                print(bits, estimator, rows[(bits, estimator, "ptq")][-1]["accuracy"],
+                      rows[(bits, estimator, "qat")][-1]["accuracy"], flush=True)
+    return floats, rows
+
+
+def _mean_spread(values):
+    return statistics.mean(values), (max(values) - min(values)) / 2
+
+
+def table(floats, rows, args, seconds):
+    import tensorflow as tf
+
+    mean, spread = _mean_spread(floats)
+    lines = [
+        "# Lower weight bit widths: post-training quantization against QAT",
+        "",
+        f"`python benchmarks/low_bit_weights.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} "
+        f"--qat-epochs {args.qat_epochs} --qat-lr {args.qat_lr}`; {platform.machine()}, {os.cpu_count()} cores; "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {seconds / 60:.0f} min.",
+        "",
+        f"The demo's digits CNN, float accuracy {mean:.2%} (± {spread:.2%}). Each cell: the exported file's test "
+        "accuracy on the 450 digits test images, mean ± half the range over the seeds. Post-training: the QAT "
+        "model with its ranges calibrated on the training data and no training step. QAT: the same, trained "
+        f"{args.qat_epochs} epochs. Parity: the largest output-step difference between each Keras model and its "
+        "file, over all seeds (the kernel-path floor is 1 step); all files passed verify_tflite unless marked.",
+        "",
+        "| weight bits | range | file KB | post-training | QAT | QAT gain | max steps |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for bits in BITS:
+        for estimator in ESTIMATORS:
+            ptq, qat = rows[(bits, estimator, "ptq")], rows[(bits, estimator, "qat")]
+            ptq_mean, ptq_spread = _mean_spread([r["accuracy"] for r in ptq])
+            qat_mean, qat_spread = _mean_spread([r["accuracy"] for r in qat])
+            steps = max(r["max_steps"] for r in ptq + qat)
+            failed = sum(not r["passed"] for r in ptq + qat)
+            lines.append(
+                f"| {bits} | {estimator} | {qat[0]['size_kb']:.1f} | {ptq_mean:.2%} ± {ptq_spread:.2%} | "
+                f"{qat_mean:.2%} ± {qat_spread:.2%} | {qat_mean - ptq_mean:+.2%} | {steps:.0f}"
+                f"{f' ({failed} failed)' if failed else ''} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for estimator, style in zip(ESTIMATORS, ("-", "--")):
+        for kind, color in (("ptq", "tab:gray"), ("qat", "tab:blue")):
+            means = [statistics.mean(r["accuracy"] for r in rows[(b, estimator, kind)]) for b in BITS]
+            ax.plot(BITS, means, style, marker="o", color=color, label=f"{'post-training' if kind == 'ptq' else 'QAT'}, {estimator}")
+    ax.set_xlabel("weight bits")
+    ax.set_ylabel("int8 file test accuracy")
+    ax.invert_xaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--qat-epochs", type=int, default=4)
+    parser.add_argument("--qat-lr", type=float, default=1e-3)
+    parser.add_argument("--output-dir", default=RESULTS)
+    args = parser.parse_args(argv)
+    start = time.time()
+    floats, rows = run(args)
+    text = table(floats, rows, args, time.time() - start)
+    print(text)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "low_bit_weights.md"), "w") as f:
+        f.write(text)
+    plot(rows, os.path.join(args.output_dir, "low_bit_weights.png"))
+
+
+if __name__ == "__main__":
+    main()
