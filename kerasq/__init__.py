@@ -1,6 +1,16 @@
 """kerasq: quantization-aware training, pruning, clustering, distillation, weight transfer and
 verified int8 TFLite export for Keras 3."""
 
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"] and getattr(_sys, "orig_argv", [])[1:3] == ["-m", "kerasq"]:
+    # `python -m kerasq ...` imports this package before its __main__ runs: silence TensorFlow's
+    # start-up messages here, as the `kerasq` console script does (`--verbose` keeps them).
+    import kerasq_command as _command
+
+    if not _command.wants_logging(_sys.orig_argv[2:]):
+        _command.silence_tensorflow()
+
 from kerasq import clustering, data, distillation, export, graph, pruning, quantization, transfer
 from kerasq.clustering import (
     CentroidInitialization,
