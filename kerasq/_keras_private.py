@@ -34,3 +34,13 @@ def producing_call(tensor):
     layer, node_index, _ = history
     node = layer._inbound_nodes[node_index]
     return layer, dict(node.arguments.kwargs)
+
+
+def build_input_shapes(model):
+    """The input shape(s) a built subclassed model recorded when it was built, or None.
+
+    `Model.build`, and the first call when `call` can be run on symbolic tensors, record them; a
+    model whose `call` branches on tensor values records none.
+    """
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    return next(iter(shapes.values())) if len(shapes) == 1 else None

@@ -378,19 +378,20 @@ class _Subclassed(keras.Model):
         return self.dense(inputs)
 
 
-def test_subclassed_model_is_refused():
+def test_subclassed_model_is_read_through_its_call():
     model = _Subclassed()
     model(np.zeros((1, 3), "float32"))
-    with pytest.raises(TypeError, match="subclassed"):
-        LayerGraph(model)
+    graph = LayerGraph(model)
+    assert [type(node.layer).__name__ for node in graph.nodes][1:] == ["Dense"]
+    assert graph.nodes[1].layer is model.dense  # the model's own layer, weights and all
 
 
-def test_subclassed_model_nested_in_functional_is_refused():
+def test_subclassed_model_nested_in_functional_is_inlined():
     inner = _Subclassed()
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inner(inputs)))
-    with pytest.raises(TypeError, match="subclassed"):
-        LayerGraph(model)
+    graph = LayerGraph(model)
+    assert any(node.layer is inner.dense for node in graph.nodes)
 
 
 def test_unbuilt_sequential_is_refused_with_advice():

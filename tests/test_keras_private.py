@@ -84,3 +84,20 @@ def test_producing_call_tells_the_calls_of_a_shared_layer_apart():
     assert _keras_private.producing_call(first) == (scale, {})
     assert _keras_private.producing_call(second) == (scale, {"factor": 2.0})
     assert _keras_private.producing_call(np.zeros(3)) == (None, {})
+
+
+def test_build_input_shapes_of_a_built_subclassed_model():
+    from kerasq import _keras_private
+
+    class Small(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Small()
+    assert _keras_private.build_input_shapes(model) is None
+    model(np.ones((3, 4), "float32"))
+    assert tuple(_keras_private.build_input_shapes(model)) == (3, 4)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import keras
 
 from kerasq import _keras_private
+from kerasq.graph.tracing import HOW_TO_FIX, as_functional
 
 
 class TensorRef(NamedTuple):
@@ -74,6 +75,7 @@ class LayerGraph:
     """
 
     def __init__(self, model, inline=True):
+        model = as_functional(model) if isinstance(model, keras.Model) else model
         _check_walkable(model, "model")
         self.model = model
         self.nodes = []
@@ -208,8 +210,9 @@ class LayerGraph:
         inner_scope = scope + (model.name,) if bound_inputs is not None else scope
         for layer in model.layers:
             if isinstance(layer, keras.Model) and self._inline(layer):
-                _check_walkable(layer, f"layer '{layer.name}' of '{model.name}'")
-                _, outputs = self._read(layer, [ref], inner_scope)
+                nested = as_functional(layer)
+                _check_walkable(nested, f"layer '{layer.name}' of '{model.name}'")
+                _, outputs = self._read(nested, [ref], inner_scope)
                 (ref,) = _leaves(outputs)
             else:
                 ref = TensorRef(self._add(layer, (ref,), {}, scope=inner_scope).id, 0)
@@ -278,9 +281,10 @@ class LayerGraph:
         layer = self._operation(model, layer_name)
         args, kwargs = _deserialize_call(call_data, produced)
         if isinstance(layer, keras.Model) and self._inline(layer):
-            _check_walkable(layer, f"layer '{layer.name}' of '{model.name}'")
+            nested = as_functional(layer)
+            _check_walkable(nested, f"layer '{layer.name}' of '{model.name}'")
             bound = [leaf for leaf in _leaves(args[0]) if isinstance(leaf, TensorRef)]
-            _, outputs = self._read(layer, bound, scope)
+            _, outputs = self._read(nested, bound, scope)
             produced.setdefault(layer_name, []).append(_leaves(outputs))
         else:
             node = self._add(layer, tuple(args), kwargs, scope=scope)
@@ -348,8 +352,7 @@ def _check_walkable(model, what):
     if not (isinstance(model, keras.Sequential) or _keras_private.is_functional(model)):
         raise TypeError(
             f"{what} ('{model.name}', class {type(model).__name__}) is a subclassed model: its "
-            "layer graph is hidden inside its call(), so kerasq cannot rewrite it. Build it with the "
-            "Sequential or Functional API (or expose a Functional model from it)."
+            f"layer graph is hidden inside its call(), so kerasq cannot rewrite it. {HOW_TO_FIX}"
         )
 
 

@@ -171,6 +171,14 @@ def fused_activation_name(layer):
     return name if name in ("relu", "relu6") else None
 
 
+def fused_operation_name(operation):
+    """'relu' or 'relu6' for a bare `keras.ops.relu`/`relu6` operation in a Functional graph."""
+    names = {"Relu": "relu", "Relu6": "relu6"}
+    if type(operation).__module__.startswith("keras.") and type(operation).__name__ in names:
+        return names[type(operation).__name__]
+    return None
+
+
 def _layer_activation_name(layer):
     if isinstance(layer, layers.ReLU):
         if layer.negative_slope or layer.threshold:

@@ -411,7 +411,13 @@ def _fused_activation_follows(graph, node, output_node, steps):
     if graph.is_model_output(output_node):
         return False
     consumers = graph.consumers(output_node)
-    if len(consumers) != 1 or steps[consumers[0].id].action != _WRAP:
+    if len(consumers) != 1:
+        return False
+    step = steps[consumers[0].id]
+    if step.action == _FLOAT and step.quantized_operation:
+        # `keras.ops.relu(x)` written in the model: the converter fuses it as it fuses a ReLU layer.
+        return handlers_lib.fused_operation_name(consumers[0].layer) is not None
+    if step.action != _WRAP:
         return False
     return handlers_lib.fused_activation_name(_unannotated(consumers[0].layer)) is not None
 
