@@ -319,6 +319,8 @@ class ConvHandler(KernelHandler):
 
     def linear(self, layer, inputs, kernels, bias):
         def conv(x, strides, padding, dilation_rate):
+            if _dilated_on_tensorflow(layer, dilation_rate):
+                return _tf_dilated("Conv2D", x, kernels["kernel"], strides, padding, dilation_rate)
             return ops.conv(x, kernels["kernel"], strides, padding, layer.data_format, dilation_rate)
 
         return _add_bias(layer, _spatial_op(layer, inputs, conv), bias)
@@ -402,6 +404,8 @@ class SeparableConvHandler(KernelHandler):
 
 def _depthwise(layer, inputs, kernel):
     def depthwise(x, strides, padding, dilation_rate):
+        if _dilated_on_tensorflow(layer, dilation_rate):
+            return _tf_dilated("DepthwiseConv2dNative", x, kernel, strides, padding, dilation_rate)
         return ops.depthwise_conv(x, kernel, strides, padding, layer.data_format, dilation_rate)
 
     return _spatial_op(layer, inputs, depthwise)
@@ -433,6 +437,40 @@ def _spatial_op(layer, inputs, op, pad=True):
         (1,) + tuple(layer.dilation_rate),
     )
     return ops.squeeze(outputs, axis=height_axis)
+
+
+def _dilated_on_tensorflow(layer, dilation_rate):
+    """A dilated 2D convolution traced for export on the TensorFlow backend, channels last, stride
+    1. (Training keeps `keras.ops`: oneDNN has no gradient for a dilated depthwise op.)"""
+    from kerasq.quantization.layers import _TRACING_FOR_EXPORT  # layers imports this module
+
+    return (
+        _TRACING_FOR_EXPORT.get()
+        and keras.backend.backend() == "tensorflow"
+        and any(rate > 1 for rate in dilation_rate)
+        and len(dilation_rate) == 2
+        and _channels_last(layer)
+        and all(stride == 1 for stride in _strides(layer))
+    )
+
+
+def _tf_dilated(op_name, x, kernel, strides, padding, dilation_rate):
+    """TensorFlow's own dilated Conv2D/DepthwiseConv2dNative op. `tf.nn.convolution` (what
+    `keras.ops.conv` calls) dilates by SPACE_TO_BATCH_ND around an undilated conv, which the
+    converter leaves in float between the fake-quant ops; this op becomes one int8 CONV_2D (or
+    DEPTHWISE_CONV_2D) with its dilation factors."""
+    import tensorflow as tf
+
+    op = getattr(tf.raw_ops, op_name)
+    return op(
+        input=x, filter=kernel, strides=[1, *strides, 1], padding=padding.upper(),
+        dilations=[1, *dilation_rate, 1],
+    )
+
+
+def _strides(layer):
+    strides = getattr(layer, "strides", 1)
+    return tuple(strides) if isinstance(strides, (list, tuple)) else (strides,)
 
 
 def _add_bias(layer, outputs, bias):
