@@ -103,6 +103,13 @@ class WeightQuantizer(_Configurable):
     def __call__(self, weights, channel_axis=None):
         """Fake-quantizes `weights`; `channel_axis=None` (or `per_channel=False`) means one scale."""
         weights = ops.convert_to_tensor(weights)
+        if channel_axis is not None and self.per_channel and len(weights.shape) > 4 and not _exporting():
+            # TensorFlow's per-channel fake-quant gradient takes at most rank 4: train a Conv3D
+            # kernel's (positions, channels) view, the same per-channel quantization. (The export
+            # trace keeps the kernel whole: the converter reads a fake-quant op on the constant.)
+            moved = ops.moveaxis(weights, channel_axis, -1)
+            flat = self(ops.reshape(moved, (-1, moved.shape[-1])), channel_axis=-1)
+            return ops.moveaxis(ops.reshape(flat, moved.shape), -1, channel_axis)
         if channel_axis is None or not self.per_channel:
             max_abs = ops.max(ops.abs(weights))
             axis = None
@@ -419,6 +426,12 @@ class ActivationQuantizer(_Configurable):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits}, estimator={self.estimator!r}, ema_decay={self.ema_decay})"
+
+
+def _exporting():
+    from kerasq.quantization.layers import _TRACING_FOR_EXPORT  # layers imports this module
+
+    return _TRACING_FOR_EXPORT.get()
 
 
 def _check_choice(value, choices, what):
