@@ -262,7 +262,7 @@ class ActivationQuantizer(_Configurable):
         # average of the replicas' mean estimate. Reads stay local (ON_READ would all-reduce on
         # every read, and a chief exporting alone would wait on its peers). `seen` is the same
         # everywhere without it. Other backends ignore the setting.
-        return {
+        state = {
             "min": layer.add_weight(
                 name=f"{prefix}_min", shape=(), initializer=keras.initializers.Constant(low),
                 trainable=trainable, aggregation="mean",
@@ -275,6 +275,8 @@ class ActivationQuantizer(_Configurable):
                 name=f"{prefix}_seen", shape=(), initializer="zeros", trainable=False
             ),
         }
+        _track_for_tf_checkpoints(layer, state.values())
+        return state
 
     def __call__(self, x, state, training=False, enabled=True):
         """Fake-quantizes `x` with the range in `state`, updating the range when `training`.
@@ -437,6 +439,21 @@ def _exporting():
 def _check_choice(value, choices, what):
     if value not in choices:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _track_for_tf_checkpoints(layer, variables):
+    """Makes each variable a dependency of `layer`, by its name, for `tf.train.Checkpoint`.
+
+    TensorFlow's object-based checkpoints reach a Keras layer's variables only through attributes
+    bound to them: Keras hides its own variable lists from TensorFlow, and the containers the ranges
+    are kept in are not TensorFlow data structures. `.keras` and `.weights.h5` files do not use
+    these dependencies. Other backends have no such checkpoints.
+    """
+    track = getattr(layer, "_track_trackable", None)
+    if track is None:
+        return
+    for variable in variables:
+        track(variable, name=variable.name)
 
 
 def _check_bits(bits, owner):
