@@ -273,7 +273,7 @@ def test_multi_input_data_errors_name_every_input():
 
 
 def test_io_type_errors(float_cnn, qat_cnn):
-    with pytest.raises(NotImplementedError, match="16x8"):
+    with pytest.raises(ValueError, match=r"input_type='int16'.*int8 or float32.*scheme='int16x8'"):
         export_tflite(qat_cnn, input_type="int16")
     with pytest.raises(ValueError, match=r"output_type must be one of.*uint8"):
         export_tflite(qat_cnn, output_type="uint8")
@@ -425,7 +425,7 @@ def test_int8_and_float32_modes_match_the_automatic_choice(float_cnn, qat_cnn, p
         ("qat", {"mode": "dynamic"}, "this model simulates int8"),
         ("float", {"mode": "dynamic", "representative_data": True}, "takes no representative_data"),
         ("float", {"mode": "float16", "input_type": "int8"}, "takes and returns float32"),
-        ("float", {"mode": "fp16"}, "mode must be one of [None, 'int8', 'float32', 'float16', 'dynamic']"),
+        ("float", {"mode": "fp16"}, "mode must be one of [None, 'int8', 'int16x8', 'float32', 'float16', 'dynamic']"),
     ],
 )
 def test_mode_errors_name_the_fix(which, kwargs, message, float_cnn, qat_cnn, digits, tmp_path):

@@ -2,10 +2,11 @@
 
 With `mode=None` the kind of file is picked from the model and the arguments:
 - a model that simulates int8 (a QAT model, or any model with fake-quant ops): full int8 conversion,
-  no calibration data needed;
+  no calibration data needed; one that simulates 16-bit activations (scheme "int16x8"): a 16x8 file
+  (int16 activations, int8 weights), no calibration data needed either;
 - a float model with `representative_data`: post-training full-integer quantization;
 - a float model alone: a float32 file.
-`mode="int8"`, `"float32"`, `"float16"` or `"dynamic"` asks for one kind and fails with the fix when
+`mode="int8"`, `"int16x8"`, `"float32"`, `"float16"` or `"dynamic"` asks for one kind and fails with the fix when
 the model cannot give it (see `kerasq.export.modes`).
 
 Example:
@@ -21,6 +22,7 @@ b'TFL3'
 """
 
 import contextlib
+import re
 import tempfile
 import warnings
 
@@ -31,7 +33,8 @@ from kerasq.export.calibration import calibration_samples, representative_datase
 from kerasq.export.errors import ExportError, conversion_error, type_text
 from kerasq.export.files import write_atomic
 from kerasq.export.flatbuffer import read_graph, reorder_io_by_name
-from kerasq.export.modes import MODES, check_io_types, configure, mode_text, resolve_mode
+from kerasq.export.int16x8 import make_runnable
+from kerasq.export.modes import INT16X8_MODES, MODES, check_io_types, configure, default_io_type, mode_text, resolve_mode
 from kerasq.export.quiet import quiet
 from kerasq.export.signature import input_names, output_names
 from kerasq.validation import input_specs, pack_inputs
@@ -47,21 +50,25 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
         path: where to write the file; parent folders are created and an existing file is replaced
             atomically (never left half-written).
         mode: the kind of file. `None` (the default) picks it: fully int8 for a model that simulates
-            int8 (`kerasq.quantize_model`), post-training int8 for a float model with
-            `representative_data`, float32 for a float model alone. `"int8"`: a fully int8 file (a
-            float model then needs `representative_data`). `"float32"`: a float model as it is.
+            int8 (`kerasq.quantize_model`), 16x8 for one that simulates 16-bit activations
+            (`kerasq.quantize_model(model, scheme="int16x8")`), post-training int8 for a float model
+            with `representative_data`, float32 for a float model alone. `"int8"`: a fully int8 file (a
+            float model then needs `representative_data`). `"int16x8"`: int16 activations, int8
+            weights and int64 biases, TFLite's 16x8 op set (a float model then needs
+            `representative_data`). `"float32"`: a float model as it is.
             `"float16"`: float16 weights, float32 inputs, outputs and CPU compute (half the size;
             GPU delegates compute in half precision). `"dynamic"`: dynamic-range quantization, int8
             weights and float activations, no calibration data (a quarter of the size; the
             converter keeps weights under 1,024 values in float). `"float32"`, `"float16"` and
-            `"dynamic"` are for float models: a QAT model exports to int8 only.
+            `"dynamic"` are for float models: a QAT model exports to int8 (or 16x8) only.
         representative_data: calibration inputs for post-training int8 quantization of a float model:
             an array, a list/tuple of arrays (multi-input, in `model.inputs` order), or an iterable of
             such batches (a generator, a `tf.data.Dataset`; `(x, y)` batches are fine). Up to
             `MAX_CALIBRATION_SAMPLES` (300) samples are fed one at a time.
-        input_type, output_type: dtype of the file's inputs/outputs: `"int8"` (the default for
-            quantized files), `"float32"` (the default for float files; a quantized file then
-            quantizes/dequantizes at its edges). Numpy/TF dtypes are accepted too.
+        input_type, output_type: dtype of the file's inputs/outputs: `"int8"` (the default for int8
+            files), `"int16"` (the default for 16x8 files), `"float32"` (the default for float files;
+            a quantized file then quantizes/dequantizes at its edges). Numpy/TF dtypes are accepted
+            too.
 
     Returns:
         The .tflite flatbuffer as `bytes`. Its inputs and outputs are in the order of
@@ -91,9 +98,11 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
     out_names = output_names(model)
     fn = _serving_function(model, specs, tf_names, out_names)
     with hooks.tracing():
-        quantized = _is_quantized(model, fn)
-        mode = resolve_mode(mode, quantized=quantized, has_data=representative_data is not None)
-        default = "int8" if mode in ("qat", "ptq") else "float32"
+        fake_quants = _fake_quant_nodes(fn)
+        quantized = hooks.is_quantized(model) or bool(fake_quants)
+        bits = _activation_bits(model, fake_quants)
+        mode = resolve_mode(mode, quantized=quantized, has_data=representative_data is not None, activation_bits=bits)
+        default = default_io_type(mode)
         in_type = _resolve_type(input_type, default, "input_type", mode)
         out_type = _resolve_type(output_type, default, "output_type", mode)
         check_io_types(mode, in_type, out_type)
@@ -101,11 +110,13 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
         if representative_data is not None:
             calibration = calibration_samples(representative_data, specs)
         content = _convert(model, fn, mode, calibration, tf_names, in_type, out_type)
+    if mode == "qat16x8":
+        content = make_runnable(content)
     try:
         content = reorder_io_by_name(content, tf_names, out_names)
     except KeyError as missing:
         raise ExportError(f"The converted file has no signature entry {missing}; cannot order its inputs/outputs.")
-    if mode in ("qat", "ptq"):
+    if mode in ("qat", "ptq", *INT16X8_MODES):
         _warn_if_float_ops(content)
     if path is not None:
         write_atomic(path, content)
@@ -131,6 +142,11 @@ def _convert(model, fn, mode, calibration, tf_names, in_type, out_type):
             if mode in ("float16", "dynamic"):  # the advice for float files; the mode in the message
                 text = str(conversion_error(model, "float", error, log.text()))
                 raise ExportError(text.replace("(float32)", f"({mode_text(mode)})", 1)) from error
+            if mode in INT16X8_MODES:  # the advice of the int8 path, about 16x8
+                int8_mode = mode.replace("16x8", "")
+                text = str(conversion_error(model, int8_mode, error, log.text()))
+                text = text.replace(f"({mode_text(int8_mode)})", f"({mode_text(mode)})", 1)
+                raise ExportError(text.replace("has no int8 support", "has no 16x8 support", 1)) from error
             raise conversion_error(model, mode, error, log.text()) from error
 
 
@@ -178,14 +194,62 @@ def _serving_function(model, specs, tf_names, out_names):
     return serve
 
 
-def _is_quantized(model, fn):
-    """True for models that simulate int8: a registered export hook says so, or the traced graph has
-    FakeQuant* ops."""
-    if hooks.is_quantized(model):
-        return True
+def _fake_quant_nodes(fn):
+    """The FakeQuant* ops of the traced model: a model with any simulates integer quantization."""
     graph_def = fn.get_concrete_function().graph.as_graph_def()
     nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return any(node.op.startswith("FakeQuantWithMinMax") for node in nodes)
+    return [node for node in nodes if node.op.startswith("FakeQuantWithMinMax")]
+
+
+def _activation_bits(model, fake_quants):
+    """16 when the model's activations are fake-quantized to 16 bits (the 16x8 scheme), else 8.
+
+    Weights are fake-quantized to at most 8 bits with a narrow range (per channel, or per tensor);
+    8-bit activations have the full range. A model with both 16-bit and 8-bit activations cannot
+    convert to a file LiteRT runs: `ExportError`.
+    """
+    wide = [node for node in fake_quants if _num_bits(node) > 8]
+    if not wide:
+        return 8
+    narrow = [node for node in fake_quants if _is_8_bit_activation(node)]
+    if narrow:
+        raise ExportError(_mixed_bits_message(model, wide, narrow))
+    return 16
+
+
+def _num_bits(node):
+    return node.attr["num_bits"].i if "num_bits" in node.attr else 8
+
+
+def _is_8_bit_activation(node):
+    per_tensor = not node.op.endswith("PerChannel")
+    narrow_range = "narrow_range" in node.attr and node.attr["narrow_range"].b
+    return per_tensor and _num_bits(node) <= 8 and not narrow_range
+
+
+def _mixed_bits_message(model, wide, narrow):
+    sixteen, eight = _layer_names(model, wide), _layer_names(model, narrow)
+    return (
+        f"Model '{model.name}' quantizes activations to 16 bits in {sixteen[:3]} and to 8 bits in "
+        f"{eight[:3]}. One file cannot hold both: TFLite's converter writes ops with int8 inputs and int16 "
+        "outputs between them, which LiteRT does not run. Quantize the whole model with one scheme, "
+        "kerasq.quantize_model(model, scheme='int16x8') or 'int8' (with quantize_annotate_layer, give all "
+        "layers the same scheme=). SiLU and hard sigmoid are simulated with an 8-bit intermediate and "
+        "have no 16x8 form: use another activation, or scheme='int8'."
+    )
+
+
+def _layer_names(model, nodes):
+    """The names of `model`'s layers that hold `nodes`, from the nodes' name scopes."""
+    names = {layer.name for layer in model.layers}
+    found = []
+    for node in nodes:
+        for part in node.name.split("/"):
+            base = part if part in names else re.sub(r"_\d+$", "", part)
+            if base in names:
+                found.append(base)
+                break
+    return list(dict.fromkeys(found)) or ["?"]
 
 
 def _warn_if_float_ops(content):
@@ -249,11 +313,6 @@ def _resolve_type(value, default, what, mode):
     name = str(name).lower()
     if name not in _TYPES:
         raise ValueError(f"{what} must be one of {sorted(_TYPES)}; got {value!r}.")
-    if name == "int16":
-        raise NotImplementedError(
-            f"{what}='int16' (16x8 quantization: int16 activations, int8 weights) is not supported yet; "
-            "use 'int8' or 'float32'."
-        )
     if mode == "float" and name != "float32":
         raise ValueError(
             f"{what}={name!r} needs an integer model: pass representative_data to calibrate this float "

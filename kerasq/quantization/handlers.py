@@ -8,7 +8,8 @@ math runs with those quantized weights, and what happens to its output:
   select values (MaxPooling, Reshape, Flatten, Dropout, ZeroPadding...).
 - `SAME_SCALE`: TFLite computes new values but keeps the input's scale and zero point (average
   pooling, bilinear resizing), so the output is rounded to the input's grid.
-- `FIXED`: TFLite fixes the output range (Softmax and logistic: [0, 255/256]; tanh: [-1, 127/128]).
+- `FIXED`: TFLite fixes the output range (Softmax and logistic: [0, 255/256]; tanh: [-1, 127/128];
+  at 16 bits all three: +-32767/32768, see `fixed_range_for_bits`).
 
 Register a handler for your own layer with `register_handler(MyLayer, handler)`.
 """
@@ -34,8 +35,26 @@ LOG_SOFTMAX_RANGE = (-255.0 * 16.0 / 256.0, 0.0)  # scale 16/256, zero point 127
 _FIXED_RANGE_ACTIVATIONS = {
     "softmax": UNIT_RANGE, "sigmoid": UNIT_RANGE, "tanh": TANH_RANGE, "log_softmax": LOG_SOFTMAX_RANGE,
 }
+# TFLite's int16 kernels fix the outputs of SOFTMAX, LOGISTIC and TANH to scale 1/32768, zero point 0:
+# with the symmetric 16-bit quantizer's 65535 levels (ends included), that is this range.
+INT16_UNIT_RANGE = (-32767.0 / 32768.0, 32767.0 / 32768.0)
+_INT16_FIXED_RANGES = {UNIT_RANGE: INT16_UNIT_RANGE, TANH_RANGE: INT16_UNIT_RANGE}
 # Activations TFLite fuses into the op before them: no quantization in between.
 FUSABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+def fixed_range_for_bits(fixed_range, bits):
+    """The output range TFLite fixes for `bits`-bit activations, given the int8 one a handler names.
+
+    Example:
+    >>> from kerasq.quantization.handlers import UNIT_RANGE, fixed_range_for_bits
+    >>> low, high = fixed_range_for_bits(UNIT_RANGE, 16)
+    >>> 2 * high / 65534 == 1 / 32768  # the scale of a symmetric 16-bit range
+    True
+    """
+    if bits == 16:
+        return _INT16_FIXED_RANGES.get(tuple(fixed_range), fixed_range)
+    return fixed_range
 
 
 def activation_name(activation):
@@ -202,6 +221,11 @@ class KernelHandler(LayerHandler):
     """
 
     has_kernels = True
+    # The op this handler becomes (CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV) scales its 16x8
+    # accumulator with a 15-bit multiplier, which the QAT model then mirrors (see
+    # `kerasq.quantization.requantization`). False for other ops; FULLY_CONNECTED's multiplier has
+    # the full 31 bits at 16x8 as at int8.
+    reduced_int16_multiplier = False
 
     def __init__(self, fuses_activation=True):
         super().__init__(output=QUANTIZE, fuses_activation=fuses_activation)
@@ -314,6 +338,8 @@ class DenseHandler(KernelHandler):
 class ConvHandler(KernelHandler):
     """Conv1D/2D/3D: one weight scale per output channel."""
 
+    reduced_int16_multiplier = True
+
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)
 
@@ -331,6 +357,8 @@ class ConvTransposeHandler(KernelHandler):
     output channel, but the converter transposes the kernel into its layout first and cannot carry a
     per-channel fake-quantization through that transpose ("mismatched quantized axes"). Nor does
     the converter fuse a ReLU into TRANSPOSE_CONV: it runs as an op of its own."""
+
+    reduced_int16_multiplier = True
 
     def __init__(self):
         super().__init__(fuses_activation=False)
@@ -374,6 +402,8 @@ class EmbeddingHandler(KernelHandler):
 class DepthwiseConvHandler(KernelHandler):
     """DepthwiseConv1D/2D: one weight scale per output channel (in_channels x depth_multiplier)."""
 
+    reduced_int16_multiplier = True
+
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)
 
@@ -384,6 +414,8 @@ class DepthwiseConvHandler(KernelHandler):
 class SeparableConvHandler(KernelHandler):
     """SeparableConv1D/2D: TFLite runs them as a depthwise then a 1x1 conv, with an int8 tensor
     between them, so the intermediate output is quantized too (see `QuantizeWrapper`)."""
+
+    reduced_int16_multiplier = True
 
     def kernel_view(self, layer, name, kernel):
         return _as_2d_kernel(layer, kernel)

@@ -9,6 +9,7 @@ from keras import ops
 
 from kerasq import _keras_private
 from kerasq.quantization import handlers as handlers_lib
+from kerasq.quantization import requantization
 from kerasq.quantization.quantizers import ActivationQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
@@ -140,6 +141,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         # Not plain attribute assignment: Keras would track these as this layer's own state.
         object.__setattr__(self, "_output_quantizers", tuple(map(self._make_output_quantizer, per_call)))
         object.__setattr__(self, "_input_ranges", (None,) * len(per_call))
+        # The (wrapper, call index) that quantizes a call's output for it (a fused ReLU), if any.
+        object.__setattr__(self, "_output_quantized_by", (None,) * len(per_call))
 
     @property
     def calls(self):
@@ -148,15 +151,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def __call__(self, inputs, *args, **kwargs):
         index = self._check_call_index(kwargs.get("call_index", 0))
-        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
-            # Pass-through and same-scale ops keep their input's quantization: find whose it is. This
-            # runs whenever the model graph is built, by quantize_model and by .keras loading alike.
+        self._tell_producer_it_is_quantized_here(inputs, index)
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or self.handler.has_kernels:
+            # Pass-through and same-scale ops keep their input's quantization (and 16x8 kernels scale
+            # by it): find whose it is. This runs whenever the model graph is built, by quantize_model
+            # and by .keras loading alike.
             source = _input_range_of(inputs)
             if source is not None:
                 ranges = list(self._input_ranges)
                 ranges[index] = source
                 object.__setattr__(self, "_input_ranges", tuple(ranges))
         return super().__call__(inputs, *args, **kwargs)
+
+    def _tell_producer_it_is_quantized_here(self, inputs, index):
+        producer, call_kwargs = _keras_private.producing_call(inputs)
+        if isinstance(producer, QuantizeWrapper):
+            producer_index = call_kwargs.get("call_index", 0)
+            if producer._output_quantizers[producer_index] is None:
+                quantized_by = list(producer._output_quantized_by)
+                quantized_by[producer_index] = (self, index)
+                object.__setattr__(producer, "_output_quantized_by", tuple(quantized_by))
 
     def _check_call_index(self, index):
         if not isinstance(index, int) or not 0 <= index < self.calls:
@@ -200,7 +214,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or not quantize_output:
             return None
         if self._policy == handlers_lib.FIXED:
-            return self.scheme.activations.with_fixed_range(self._fixed_range)
+            bits = self.scheme.activations.bits
+            return self.scheme.activations.with_fixed_range(handlers_lib.fixed_range_for_bits(self._fixed_range, bits))
         return self.scheme.activations
 
     # ---- the forward pass -----------------------------------------------------------------------
@@ -267,11 +282,54 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _linear(self, inputs, kernels, bias, ranges, training):
         handler = self.handler
+        index = next(i for i, each in enumerate(self._ranges) if each is ranges)
         if isinstance(handler, handlers_lib.SeparableConvHandler):
             middle = handler.depthwise(self.layer, inputs, kernels)
+            middle_range = (self.scheme.activations, ranges["depthwise"])
+            middle = self._requantize_like_int16_kernels(
+                middle, kernels, "depthwise_kernel", self._input_ranges[index], middle_range
+            )
             middle = self._quantize_activation(middle, ranges["depthwise"], training)
-            return handler.pointwise(self.layer, middle, kernels, bias)
-        return handler.linear(self.layer, inputs, kernels, bias)
+            outputs = handler.pointwise(self.layer, middle, kernels, bias)
+            return self._requantize_like_int16_kernels(
+                outputs, kernels, "pointwise_kernel", middle_range, self._kernel_output_range(index, ranges)
+            )
+        outputs = handler.linear(self.layer, inputs, kernels, bias)
+        return self._requantize_like_int16_kernels(
+            outputs, kernels, next(iter(kernels)), self._input_ranges[index], self._kernel_output_range(index, ranges)
+        )
+
+    def _requantize_like_int16_kernels(self, outputs, kernels, name, input_range, output_range):
+        """`outputs` scaled by the error of the 15-bit multiplier LiteRT's 16x8 kernels requantize with
+        (`kerasq.quantization.requantization`); unchanged for int8, and when tracing for export."""
+        applies = (
+            self.scheme.activations.bits == 16
+            and self.handler.reduced_int16_multiplier
+            and self.quantization_enabled
+            and input_range is not None
+            and output_range is not None
+        )
+        if not applies or _TRACING_FOR_EXPORT.get():
+            return outputs
+        axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
+        multiplier = (
+            requantization.activation_step(*input_range)
+            * requantization.kernel_steps(self.scheme.weights, kernels[name], axes[name])
+            / requantization.activation_step(*output_range)
+        )
+        return requantization.scale_channels(outputs, requantization.multiplier_error(multiplier), self.layer)
+
+    def _kernel_output_range(self, index, ranges):
+        """`(quantizer, range variables)` the file's Conv/Dense op of call `index` writes its output with."""
+        if "pre_activation" in ranges:
+            return self.scheme.activations, ranges["pre_activation"]
+        if self._output_quantizers[index] is not None:
+            return self._output_quantizers[index], ranges["output"]
+        quantized_by = self._output_quantized_by[index]
+        if quantized_by is None or not quantized_by[0].built:
+            return None
+        consumer, consumer_index = quantized_by
+        return consumer.output_range_of(consumer_index)
 
     def _linear_with_batchnorm(self, inputs, kernels, bias, ranges, training):
         """Conv/Dense with BatchNorm folded in, as in Jacob et al. (2018) and PyTorch's ConvBn.

@@ -10,7 +10,8 @@ class QuantizationScheme:
     """The quantizers and BatchNorm handling for quantization-aware training.
 
     The default is TFLite's int8 scheme: 8-bit symmetric per-channel weights (per-tensor for Dense,
-    as TFLite's fully connected kernels require) and 8-bit asymmetric activations.
+    as TFLite's fully connected kernels require) and 8-bit asymmetric activations. "int16x8" keeps the
+    weights and makes activations 16-bit and symmetric (zero point 0), as TFLite's 16x8 kernels take them.
 
     Args:
         weights: a `WeightQuantizer`.
@@ -50,6 +51,7 @@ class QuantizationScheme:
             raise TypeError(
                 f"activations must be a kerasq ActivationQuantizer; got {self.activations!r}."
             )
+        _check_tflite_bits(self.weights, self.activations)
         self.fold_batchnorm = bool(fold_batchnorm)
         if freeze_batchnorm != "auto" and not isinstance(freeze_batchnorm, bool):
             if isinstance(freeze_batchnorm, float) and freeze_batchnorm.is_integer():
@@ -83,11 +85,30 @@ class QuantizationScheme:
         return f"QuantizationScheme(weights={self.weights!r}, activations={self.activations!r})"
 
 
-_NAMED_SCHEMES = {"int8": QuantizationScheme}
+def _check_tflite_bits(weights, activations):
+    """Activations wider than 8 bits exist in TFLite only as its 16x8 scheme: 16-bit symmetric
+    activations (zero point 0) with weights of at most 8 bits."""
+    if activations.bits <= 8:
+        return
+    if activations.bits != 16 or not activations.symmetric or weights.bits > 8:
+        raise ValueError(
+            "TFLite runs activations wider than 8 bits only as 16-bit symmetric ones with weights of at "
+            f"most 8 bits (its 16x8 kernels); got {activations!r} (symmetric={activations.symmetric}) "
+            f"with {weights!r}. Use scheme='int16x8', i.e. ActivationQuantizer(bits=16, symmetric=True) "
+            "with 8-bit weights."
+        )
+
+
+def int16x8_scheme():
+    """TFLite's 16x8 scheme: 16-bit symmetric activations, the int8 scheme's 8-bit weights."""
+    return QuantizationScheme(activations=ActivationQuantizer(bits=16, symmetric=True))
+
+
+_NAMED_SCHEMES = {"int8": QuantizationScheme, "int16x8": int16x8_scheme}
 
 
 def get_scheme(scheme):
-    """Returns a `QuantizationScheme` from a scheme or a name ("int8")."""
+    """Returns a `QuantizationScheme` from a scheme or a name ("int8", "int16x8")."""
     if isinstance(scheme, QuantizationScheme):
         return scheme
     if isinstance(scheme, str) and scheme in _NAMED_SCHEMES:

@@ -1,0 +1,76 @@
+"""How LiteRT's 16x8 kernels scale an accumulator to the output, for the QAT model to do the same.
+
+CONV_2D, DEPTHWISE_CONV_2D and TRANSPOSE_CONV with int16 inputs multiply their int64 accumulator by
+`input scale x weight scale / output scale` held as a 15-bit fixed-point number: the 31-bit multiplier
+of the int8 kernels rounded to its top 15 bits (FULLY_CONNECTED keeps all 31). That multiplier is off
+by up to one part in 2^15, which at 16 bits moved 4-7% of a layer's outputs by one step on random
+data (int8 outputs have 256 times fewer steps and do not notice); mirrored, under 1.2% stay apart,
+from float32 rounding. The QAT model multiplies its float accumulator by the same error,
+`multiplier_error`, per output channel.
+
+Example:
+>>> import numpy as np
+>>> from kerasq.quantization.requantization import multiplier_error
+>>> exact = np.float32(0.75)  # 3/4 has 2 significant bits: 15 hold it exactly
+>>> float(multiplier_error(exact))
+1.0
+>>> inexact = np.float32(1 / 3)
+>>> abs(float(multiplier_error(inexact)) - 1) < 2.0**-15
+True
+"""
+
+from keras import ops
+
+_MULTIPLIER_BITS = 15
+
+
+def multiplier_error(multiplier):
+    """(the multiplier LiteRT's 16x8 kernels use) / `multiplier`, elementwise.
+
+    LiteRT writes `multiplier = mantissa x 2^exponent` with the mantissa in [0.5, 1) as 31 bits, then
+    keeps `(mantissa_31 + 2^15) >> 16`, capped at 2^15 - 1: the mantissa rounded half up to 15 bits.
+    """
+    multiplier = ops.convert_to_tensor(multiplier, "float32")
+    exponent = ops.floor(ops.log2(multiplier)) + 1.0
+    mantissa = multiplier / ops.power(2.0, exponent)
+    # log2 of a float32 can land on the wrong side of a power of two: bring the mantissa into [0.5, 1).
+    exponent = ops.where(mantissa >= 1.0, exponent + 1.0, ops.where(mantissa < 0.5, exponent - 1.0, exponent))
+    mantissa = multiplier / ops.power(2.0, exponent)
+    top = 2.0**_MULTIPLIER_BITS
+    reduced = ops.minimum(ops.floor(mantissa * top + 0.5), top - 1.0)
+    return reduced / (mantissa * top)
+
+
+def activation_step(quantizer, state):
+    """The scale of an activation range, as TensorFlow's fake-quant (and so the file) has it."""
+    low, high = quantizer.range(state)
+    quant_min = 1.0 if quantizer.symmetric else 0.0
+    return (high - low) / (2.0**quantizer.bits - 1.0 - quant_min)
+
+
+def kernel_steps(weights_quantizer, quantized_kernel, axis):
+    """The scale of each output channel of an already fake-quantized kernel (one for `axis=None`).
+
+    `axis` is the handler's kernel axis: an int, "depthwise" (the last two axes, flattened as the
+    output channels are), or None. The largest magnitude of a narrow-range kernel channel is
+    (2^(bits-1) - 1) steps; an all-zero channel has the step the weight quantizer gives it (max 1).
+    """
+    kernel = ops.abs(ops.convert_to_tensor(quantized_kernel))
+    rank = len(kernel.shape)
+    if axis is None:
+        max_abs = ops.max(kernel)
+    elif axis == "depthwise":
+        max_abs = ops.reshape(ops.max(kernel, axis=tuple(range(rank - 2))), (-1,))
+    else:
+        axis = axis % rank
+        max_abs = ops.max(kernel, axis=tuple(i for i in range(rank) if i != axis))
+    max_abs = ops.where(ops.equal(max_abs, 0.0), ops.ones_like(max_abs), max_abs)
+    return max_abs / (2.0 ** (weights_quantizer.bits - 1) - 1.0)
+
+
+def scale_channels(outputs, factors, layer):
+    """`outputs` with each output channel of `layer` multiplied by `factors` (one, or one per channel)."""
+    factors = ops.stop_gradient(factors)
+    if len(factors.shape) == 0 or getattr(layer, "data_format", "channels_last") != "channels_first":
+        return outputs * factors
+    return outputs * ops.reshape(factors, (1, -1) + (1,) * (len(outputs.shape) - 2))

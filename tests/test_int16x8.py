@@ -1,0 +1,218 @@
+"""16x8 quantization-aware training: 16-bit activations, 8-bit weights, TFLite's 16x8 files."""
+
+import keras
+import numpy as np
+import pytest
+
+import kerasq
+from kerasq.export import ExportError, TFLiteModel, export_tflite, verify_tflite
+from kerasq.export.flatbuffer import read_graph
+from kerasq.quantization import QuantizationScheme, get_scheme
+from kerasq.quantization.quantizers import ActivationQuantizer
+from kerasq.quantization.requantization import multiplier_error
+
+L = keras.layers
+RNG = np.random.default_rng(16)
+BIAS_INPUT = {"CONV_2D": 2, "FULLY_CONNECTED": 2}
+
+
+def compile_fit(model, data, epochs):
+    (x_train, y_train), _ = data
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def accuracy(predictions, labels):
+    return float(np.mean(np.asarray(predictions).argmax(-1) == labels))
+
+
+@pytest.fixture(scope="module")
+def float_cnn(digits):
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            L.Conv2D(8, 3, use_bias=False), L.BatchNormalization(), L.ReLU(),
+            L.Conv2D(16, 3, use_bias=False), L.BatchNormalization(), L.ReLU(),
+            L.Flatten(),
+            L.Dense(10),
+        ],
+        name="float_cnn",
+    )
+    return compile_fit(model, digits, epochs=8)
+
+
+@pytest.fixture(scope="module")
+def qat_cnn(float_cnn, digits):
+    keras.utils.set_random_seed(4)
+    return compile_fit(kerasq.quantize_model(float_cnn, scheme="int16x8"), digits, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def qat_file(qat_cnn):
+    return export_tflite(qat_cnn)
+
+
+# ---- the scheme ---------------------------------------------------------------------------------------
+
+def test_named_scheme_has_16_bit_symmetric_activations_and_8_bit_weights():
+    scheme = get_scheme("int16x8")
+    assert (scheme.activations.bits, scheme.activations.symmetric) == (16, True)
+    assert (scheme.weights.bits, scheme.weights.narrow_range) == (8, True)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(scheme))
+    assert restored == scheme and restored != get_scheme("int8")
+
+
+def test_schemes_tflite_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="16-bit symmetric"):
+        QuantizationScheme(activations=ActivationQuantizer(bits=16))  # asymmetric: TFLite's int16 has zero point 0
+    with pytest.raises(ValueError, match="scheme='int16x8'"):
+        QuantizationScheme(activations=ActivationQuantizer(bits=12, symmetric=True))
+
+
+def test_keras_file_round_trip_computes_the_same(qat_cnn, digits, tmp_path):
+    _, (x_test, _) = digits
+    path = tmp_path / "qat_16x8.keras"
+    qat_cnn.save(path)
+    loaded = keras.saving.load_model(path)
+    wrappers = [layer for layer in loaded.layers if isinstance(layer, kerasq.QuantizeWrapper)]
+    assert all(w.scheme.activations == get_scheme("int16x8").activations for w in wrappers)
+    # Bit-exact, so the loaded model also mirrors the 16x8 kernels' requantization (which needs each
+    # Conv to find the ReLU that quantizes its output, found again while the graph is rebuilt).
+    np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), qat_cnn.predict(x_test, verbose=0))
+
+
+# ---- the file -------------------------------------------------------------------------------------------
+
+def test_file_has_int16_activations_int8_weights_int64_biases(qat_file):
+    graph = read_graph(qat_file)
+    assert {op.name for op in graph.ops} >= {"CONV_2D", "FULLY_CONNECTED"}
+    written = [graph.tensors[index] for op in graph.ops for index in op.outputs]
+    assert {t.dtype for t in written} == {"int16"}
+    assert all(t.zero_points.tolist() == [0] for t in written)  # symmetric: TFLite's int16 spec
+    for op in graph.ops:
+        if op.name in BIAS_INPUT:
+            kernel, bias = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[BIAS_INPUT[op.name]]]
+            assert (kernel.dtype, bias.dtype) == ("int8", "int64"), op
+    tflite = TFLiteModel(qat_file)
+    assert (tflite.input_details[0]["dtype"], tflite.output_details[0]["dtype"]) == (np.int16, np.int16)
+
+
+def test_file_matches_the_qat_model_at_the_floor(qat_cnn, qat_file, digits):
+    _, (x_test, _) = digits
+    report = verify_tflite(qat_cnn, qat_file, x_test)
+    assert report.passed, str(report)
+    assert set(report.floor_kernels) == {"reference", "builtin"}  # every kernel path runs 16x8
+    (output,) = report.outputs
+    # TFLite's int16 kernels agree to the bit (floor 0), so the bound is verify's one output step (plus
+    # float32's rounding of outputs 32767 steps wide, a few thousandths of a step).
+    assert output.floor_max_diff == 0
+    assert output.max_diff <= 1.01 and output.agreement >= 0.995
+
+
+def test_file_accuracy_within_a_point_of_float(float_cnn, qat_file, digits):
+    _, (x_test, y_test) = digits
+    float_accuracy = accuracy(float_cnn.predict(x_test, verbose=0), y_test)
+    assert float_accuracy > 0.85
+    # 16-bit activations round to 1/32767 of each range, 256 times finer than int8: quantization costs
+    # nothing measurable, so what is left is the QAT epoch's training noise, which one point (4.5
+    # of 450 test digits) bounds with room to spare.
+    assert TFLiteModel(qat_file).evaluate(x_test, y_test) >= float_accuracy - 0.01
+
+
+def test_float32_io_computes_what_int16_io_does(qat_cnn, qat_file, digits):
+    _, (x_test, _) = digits
+    float_io = TFLiteModel(export_tflite(qat_cnn, input_type="float32", output_type=np.float32))
+    assert (float_io.input_details[0]["dtype"], float_io.output_details[0]["dtype"]) == (np.float32, np.float32)
+    int16_io = TFLiteModel(qat_file)
+    # The same integer graph; only who quantizes the input differs (the file's QUANTIZE op, or
+    # TFLiteModel), which can round an input that falls on a tie apart: one output step at most.
+    difference = np.abs(float_io.predict(x_test) - int16_io.predict(x_test)).max()
+    assert difference <= int16_io.output_step(0) * 1.01
+
+
+def test_io_types_that_do_not_fit_the_scheme_are_refused(qat_cnn):
+    with pytest.raises(ValueError, match=r"input_type='int8'.*int16 or float32.*scheme='int8'"):
+        export_tflite(qat_cnn, input_type="int8")
+    with pytest.raises(ValueError, match=r"mode='int8'.*16-bit activations.*mode='int16x8'"):
+        export_tflite(qat_cnn, mode="int8")
+    int8_model = kerasq.quantize_model(keras.Sequential([keras.Input((4,)), L.Dense(2)]))
+    with pytest.raises(ValueError, match=r"output_type='int16'.*int8 or float32.*scheme='int16x8'"):
+        export_tflite(int8_model, output_type="int16")
+
+
+# ---- fixed ranges, mixing, and what the converter gets wrong ---------------------------------------------
+
+def test_softmax_and_sigmoid_outputs_take_tflites_int16_scale():
+    inputs = keras.Input((6,))
+    hidden = L.Dense(8, activation="relu")(inputs)
+    model = keras.Model(inputs, [L.Dense(4, activation="softmax")(hidden), L.Dense(3, activation="sigmoid")(hidden)])
+    qat = kerasq.quantize_model(model, scheme="int16x8")
+    x = RNG.normal(size=(64, 6)).astype("float32")
+    qat(x, training=True)
+    heads = [layer for layer in qat.layers if isinstance(layer, kerasq.QuantizeWrapper) and layer.layer.units < 8]
+    assert len(heads) == 2
+    for wrapper in heads:
+        assert wrapper.quantization_ranges()["output"] == pytest.approx((-32767 / 32768, 32767 / 32768))
+    content = export_tflite(qat)
+    graph = read_graph(content)
+    for op in graph.ops:
+        if op.name in ("SOFTMAX", "LOGISTIC"):
+            output = graph.tensors[op.outputs[0]]
+            assert (output.scales.tolist(), output.zero_points.tolist()) == ([1 / 32768], [0]), op.name
+    assert verify_tflite(qat, content, x).passed  # LiteRT loads the LOGISTIC and computes as Keras does
+
+
+def test_mixing_int8_and_16x8_layers_is_refused_with_the_fix():
+    inputs = keras.Input((8, 8, 1))
+    hidden = kerasq.quantize_annotate_layer(L.Conv2D(4, 3, activation="relu"))(inputs)
+    hidden = kerasq.quantize_annotate_layer(L.Conv2D(4, 3, activation="relu", name="wide"), scheme="int16x8")(hidden)
+    outputs = kerasq.quantize_annotate_layer(L.Dense(3))(kerasq.quantize_annotate_layer(L.Flatten())(hidden))
+    qat = kerasq.quantize_apply(keras.Model(inputs, outputs))
+    with pytest.raises(ExportError, match=r"16 bits in \['quant_wide'\].*cannot hold both.*scheme='int16x8'"):
+        export_tflite(qat)
+
+
+def test_a_bias_the_converter_clips_is_named():
+    dense = L.Dense(2, name="tiny_weights")
+    model = keras.Sequential([keras.Input((4,)), dense])
+    # Inputs in [0, 1) and weights of 1e-4 make a bias step of 1/32767 x 1e-4/127: a bias of 5 is 2e11
+    # steps, past int32's 2^31.
+    dense.kernel.assign(np.full((4, 2), 1e-4, "float32"))
+    dense.bias.assign(np.array([0.01, 5.0], "float32"))
+    qat = kerasq.quantize_model(model, scheme="int16x8")
+    qat(RNG.uniform(size=(16, 4)).astype("float32"), training=True)
+    with pytest.raises(ExportError, match=r"clipped the bias of '.*tiny_weights.*' to int32"):
+        export_tflite(qat)
+
+
+def test_post_training_16x8_from_a_float_model(float_cnn, digits):
+    (x_train, _), (x_test, y_test) = digits
+    content = export_tflite(float_cnn, mode="int16x8", representative_data=x_train)
+    graph = read_graph(content)
+    assert {graph.tensors[i].dtype for op in graph.ops for i in op.outputs if op.name == "CONV_2D"} == {"int16"}
+    # Calibrated on 300 training digits, the same 16-bit rounding as above: within a point of float.
+    float_accuracy = accuracy(float_cnn.predict(x_test, verbose=0), y_test)
+    assert TFLiteModel(content).evaluate(x_test, y_test) >= float_accuracy - 0.01
+
+
+# ---- the requantization the QAT model mirrors ---------------------------------------------------------------
+
+def litert_16x8_multiplier(multiplier):
+    """LiteRT's QuantizeMultiplier then its 16x8 kernels' reduction to 15 bits, in integers."""
+    mantissa, exponent = np.frexp(np.asarray(multiplier, np.float64))
+    q31 = np.floor(mantissa * 2.0**31 + 0.5).astype(np.int64)
+    exponent, q31 = np.where(q31 == 2**31, exponent + 1, exponent), np.where(q31 == 2**31, 2**30, q31)
+    reduced = np.where(q31 < 0x7FFF0000, (q31 + 2**15) >> 16, 0x7FFF)
+    return reduced * 2.0 ** (exponent.astype(np.float64) - 15)
+
+
+def test_multiplier_error_is_litert_s_15_bit_rounding():
+    multipliers = np.exp(RNG.uniform(np.log(1e-6), np.log(0.99), size=20000)).astype(np.float32)
+    cap = np.float32(1 - 2.0**-17)  # rounds up to 2^15 unless capped at 2^15 - 1, as LiteRT caps it
+    multipliers = np.concatenate([multipliers, [cap, np.float32(0.5), np.float32(0.75)]])
+    ours = np.asarray(multiplier_error(multipliers), np.float64) * multipliers
+    # A float32 mantissa has 24 bits, so LiteRT's first rounding (to 31 bits) is exact and both round once.
+    np.testing.assert_allclose(ours, litert_16x8_multiplier(multipliers), rtol=1e-6, atol=0)
+    assert np.abs(ours / multipliers - 1).max() <= 2.0**-15
