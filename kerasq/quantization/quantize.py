@@ -8,6 +8,7 @@ from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, wrappers
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization.calibrate import calibrate_ranges
+from kerasq.quantization.affine import affine_as_batchnorm
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
@@ -231,12 +232,17 @@ def _substitute(steps, layer, rewrite):
         # Frozen statistics keep a trained network as it was trained; statistics never trained would
         # normalize nothing, so QAT from scratch trains them with batch statistics, as float does.
         folded = step.batchnorm if step.depthwise_rank is None else layer  # a standalone BN folds into itself
-        frozen = folded is None or not _untrained(folded)
+        is_batchnorm = isinstance(wrappers.unwrap(folded), keras.layers.BatchNormalization)
+        frozen = folded is None or not is_batchnorm or not _untrained(folded)
         scheme = QuantizationScheme.from_config({**scheme.get_config(), "freeze_batchnorm": frozen})
     batchnorm = wrappers.strip(step.batchnorm, rewrite, **inner) if step.batchnorm is not None else None
     if step.depthwise_rank is not None:
         unwrapped = wrappers.unwrap(layer)
-        layer, batchnorm = _identity_depthwise(unwrapped, step.depthwise_rank), wrappers.strip(layer, rewrite, **inner)
+        if isinstance(unwrapped, keras.layers.BatchNormalization):
+            batchnorm = wrappers.strip(layer, rewrite, **inner)
+        else:
+            batchnorm = affine_as_batchnorm(unwrapped, step.depthwise_rank)
+        layer = _identity_depthwise(unwrapped, step.depthwise_rank)
     else:
         layer = wrappers.strip(layer, rewrite, **inner)
     quantize_output = [each.quantize_output for each in steps]
@@ -363,15 +369,19 @@ def _foldable_batchnorm(graph, node, handler, steps):
 
 
 def _standalone_batchnorm_rank(graph, node, step):
-    """The input rank of a BatchNormalization with no Conv/Dense to fold into, when it can run as
-    a 1x1 depthwise convolution with itself folded in (int8 in the file; else MUL/ADD stay float).
-    Rank 2 inputs run as length-1 sequences."""
+    """The input rank of a BatchNormalization with no Conv/Dense to fold into, or of an affine
+    preprocessing layer (Rescaling, Normalization), when it can run as a 1x1 depthwise convolution
+    with itself folded in (int8 in the file; else MUL/ADD stay float). Rank 2 inputs run as
+    length-1 sequences."""
     layer = _unannotated(node.layer)
-    if not isinstance(layer, keras.layers.BatchNormalization) or not step.scheme.fold_batchnorm:
+    if not step.scheme.fold_batchnorm or graph.calls_of(node.layer) != 1:
         return None
-    if graph.calls_of(node.layer) != 1:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        rank = _channels_last_rank(layer)
+    elif node.input_refs and affine_as_batchnorm(layer, len(graph.spec(node.input_refs[0]).shape)) is not None:
+        rank = len(graph.spec(node.input_refs[0]).shape)
+    else:
         return None
-    rank = _channels_last_rank(layer)
     return rank if rank in (2, 3, 4) else None
 
 
