@@ -44,3 +44,19 @@ def build_input_shapes(model):
     """
     shapes = getattr(model, "_build_shapes_dict", None) or {}
     return next(iter(shapes.values())) if len(shapes) == 1 else None
+
+
+def track_for_tf_checkpoints(layer, variables):
+    """Makes each variable a dependency of `layer`, by its name, for `tf.train.Checkpoint`.
+
+    TensorFlow's object-based checkpoints reach a Keras layer's variables only through attributes
+    bound to them: Keras hides its own variable lists from TensorFlow, and containers kerasq keeps
+    variables in (lists, dicts, tuples set with `object.__setattr__`) are not TensorFlow data
+    structures. `.keras` and `.weights.h5` files do not use these dependencies. A no-op on the other
+    backends, which have no such checkpoints.
+    """
+    track = getattr(layer, "_track_trackable", None)
+    if track is None:
+        return
+    for variable in variables:
+        track(variable, name=variable.name)

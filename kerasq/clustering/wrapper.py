@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasq import _keras_private
 from kerasq.graph import layer_facts, wrappers
 from kerasq.graph.variables import replaced_variables
 from kerasq.clustering import centroids as centroids_lib
@@ -232,7 +233,7 @@ class ClusterWeights(keras.layers.Wrapper):
         # the first call) then overwrites the initial clusters. A shared codebook tracks its own.
         shared = self.codebook.centroids if self.codebook is not None else None
         owned = [v for e in clustered for v in (e.centroids, e.assignment, e.mask) if v is not None and v is not shared]
-        _track_for_tf_checkpoints(self, owned)
+        _keras_private.track_for_tf_checkpoints(self, owned)
 
     # ---- clusters (NumPy, outside training) ---------------------------------------------------------
     def initialize_clusters(self, values=None, shared_centroids=None):
@@ -385,17 +386,6 @@ def strip_cluster_weights(wrapper, rewrite, **clone_options):
 
 
 wrappers.register_wrapper(ClusterWeights, strip_cluster_weights)
-
-
-def _track_for_tf_checkpoints(layer, variables):
-    """Makes each variable a dependency of `layer`, by its name, for `tf.train.Checkpoint`, which
-    reaches a Keras layer's variables only through attributes bound to them (these are kept in
-    `_clustered`). `.keras` and `.weights.h5` files do not use these. No-op on other backends."""
-    track = getattr(layer, "_track_trackable", None)
-    if track is None:
-        return
-    for variable in variables:
-        track(variable, name=variable.name)
 
 
 def _attribute_name(layer, variable):

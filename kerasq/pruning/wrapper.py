@@ -19,6 +19,7 @@ Example:
 import keras
 import numpy as np
 
+from kerasq import _keras_private
 from kerasq.graph import layer_facts, wrappers
 from kerasq.graph.variables import replaced_variables
 from kerasq.pruning import masks as masks_lib
@@ -127,7 +128,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             )
             pruned.append((name, variable, mask))
         object.__setattr__(self, "_pruned", tuple(pruned))
-        _track_for_tf_checkpoints(self, [mask for _, _, mask in pruned])
+        _keras_private.track_for_tf_checkpoints(self, [mask for _, _, mask in pruned])
         self.pruning_step = self.add_weight(
             name="pruning_step",
             shape=(),
@@ -270,17 +271,6 @@ def _assert_advanced(step, message):
         jax.debug.callback(check, keras.ops.convert_to_tensor(step))
     elif int(keras.ops.convert_to_numpy(step)) < 0:  # eager backends (PyTorch)
         raise RuntimeError(message)
-
-
-def _track_for_tf_checkpoints(layer, variables):
-    """Makes each variable a dependency of `layer`, by its name, for `tf.train.Checkpoint`, which
-    reaches a Keras layer's variables only through attributes bound to them (the masks are kept in
-    `_pruned`). `.keras` and `.weights.h5` files do not use these. No-op on other backends."""
-    track = getattr(layer, "_track_trackable", None)
-    if track is None:
-        return
-    for variable in variables:
-        track(variable, name=variable.name)
 
 
 def _attribute_name(layer, variable):

@@ -22,6 +22,8 @@ import contextvars
 import keras
 from keras import ops
 
+from kerasq import _keras_private
+
 _SERIALIZATION_PACKAGE = "kerasq"
 
 ESTIMATORS = ("ema_minmax", "minmax", "percentile", "mse")
@@ -275,7 +277,7 @@ class ActivationQuantizer(_Configurable):
                 name=f"{prefix}_seen", shape=(), initializer="zeros", trainable=False
             ),
         }
-        _track_for_tf_checkpoints(layer, state.values())
+        _keras_private.track_for_tf_checkpoints(layer, state.values())
         return state
 
     def __call__(self, x, state, training=False, enabled=True):
@@ -439,21 +441,6 @@ def _exporting():
 def _check_choice(value, choices, what):
     if value not in choices:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}.")
-
-
-def _track_for_tf_checkpoints(layer, variables):
-    """Makes each variable a dependency of `layer`, by its name, for `tf.train.Checkpoint`.
-
-    TensorFlow's object-based checkpoints reach a Keras layer's variables only through attributes
-    bound to them: Keras hides its own variable lists from TensorFlow, and the containers the ranges
-    are kept in are not TensorFlow data structures. `.keras` and `.weights.h5` files do not use
-    these dependencies. Other backends have no such checkpoints.
-    """
-    track = getattr(layer, "_track_trackable", None)
-    if track is None:
-        return
-    for variable in variables:
-        track(variable, name=variable.name)
 
 
 def _check_bits(bits, owner):
