@@ -27,4 +27,8 @@ def test_conv3d_trains_and_exports_with_its_float_island(layer):
     assert not np.array_equal(np.array(kernel), before)
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
     assert not tflite.is_fully_integer  # TFLite's CONV_3D kernels are float only
-    assert kerasq.verify_tflite(qat, tflite, x).passed
+    report = kerasq.verify_tflite(qat, tflite, x)
+    assert report.passed
+    # A PASS never hides the float island: the report names it.
+    assert not report.fully_integer and report.float_ops[0][0] in ("CONV_3D", "CONV_3D_TRANSPOSE")
+    assert "Float ops in the file: CONV_3D" in str(report)

@@ -42,4 +42,5 @@ def test_dilated_convolution_is_one_int8_op_at_the_floor(kind, digits):
     assert len(tflite.float_tensors) <= len(post_training.float_tensors)  # never less integer than PTQ
     # Training runs the dilated op through keras.ops, the export trace TensorFlow's own dilated op:
     # the same arithmetic, so the file is at the floor.
-    assert kerasq.verify_tflite(qat, tflite, x_test).passed
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed and report.fully_integer and report.as_dict()["float_ops"] == []

@@ -169,6 +169,22 @@ class TFLiteModel:
         return [t.name for t in self._graph.tensors if t.index in used - io and _is_float(t.dtype)]
 
     @property
+    def float_ops(self):
+        """`[(op name, output tensor name)]` of the ops that compute in float between the inputs and
+        the outputs (QUANTIZE and DEQUANTIZE at the file's edges are not counted)."""
+        io = set(self._graph.inputs) | set(self._graph.outputs)
+        tensors = {t.index: t for t in self._graph.tensors}
+        found = []
+        for op in self._graph.ops:
+            outputs = [tensors[i] for i in op.outputs if i >= 0]
+            inputs = [tensors[i] for i in op.inputs if i >= 0]
+            computes_in_float = any(_is_float(t.dtype) for t in outputs + inputs if t.index not in io)
+            at_an_edge = op.name in ("QUANTIZE", "DEQUANTIZE") and any(t.index in io for t in outputs + inputs)
+            if computes_in_float and not at_an_edge and op.name not in ("QUANTIZE", "DEQUANTIZE"):
+                found.append((op.name, outputs[0].name if outputs else ""))
+        return found
+
+    @property
     def is_fully_integer(self):
         """True when every tensor between the inputs and the outputs is integer (int8/int16/int32...)."""
         return not self.float_tensors and self._graph.num_subgraphs == 1

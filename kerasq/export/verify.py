@@ -73,6 +73,12 @@ class ParityReport:
     size_bytes: int
     float_reference: bool = False  # a quantized file against a float model (one that does not simulate int8)
     floor_kernels: tuple = FLOOR_KERNELS  # the kernel paths that could run the file, for the floor
+    float_ops: tuple = ()  # (op name, output tensor) of each op that computes in float in the file
+
+    @property
+    def fully_integer(self):
+        """True when no op between the file's inputs and outputs computes in float."""
+        return not self.float_ops
 
     @property
     def passed(self):
@@ -98,6 +104,8 @@ class ParityReport:
             "size_bytes": self.size_bytes,
             "float_reference": self.float_reference,
             "floor_kernels": list(self.floor_kernels),
+            "fully_integer": self.fully_integer,
+            "float_ops": [list(op) for op in self.float_ops],
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
 
@@ -119,6 +127,7 @@ class ParityReport:
         if any(o.unit == "abs" for o in self.outputs):
             lines.append("abs: float output, differences in absolute units (steps: multiples of the output's scale)")
         lines.append(f"Result: {'PASSED' if self.passed else 'FAILED'}")
+        lines.append(_integer_text(self.float_ops))
         if self.float_reference:
             lines.append(_FLOAT_REFERENCE_TEXT)
         if self.fragile:
@@ -241,10 +250,26 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
         size_bytes=default.size_bytes,
         float_reference=not hooks.is_quantized(model) and any(o.unit == "steps" for o in outputs),
         floor_kernels=tuple(alternatives),
+        float_ops=tuple(default.float_ops),
     )
     if report.fragile:
         warnings.warn(_FRAGILE_TEXT, RuntimeWarning, stacklevel=2)
     return report
+
+
+def _integer_text(float_ops):
+    """One line on what computes in float, so a PASS never hides a float island."""
+    if not float_ops:
+        return "Integer: every op between the inputs and the outputs computes in integers."
+    counts = {}
+    for name, _ in float_ops:
+        counts[name] = counts.get(name, 0) + 1
+    listed = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in counts.items())
+    return (
+        f"Float ops in the file: {listed} (between quantize and dequantize ops). They run in float "
+        "because TFLite has no integer kernel for them or their layers were left in float "
+        "(TFLiteModel(...).summary() names their tensors)."
+    )
 
 
 def _step_slack(ref, step):
