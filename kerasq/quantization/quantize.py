@@ -160,6 +160,13 @@ class QuantizeAnnotate(keras.layers.Wrapper):
 
 # ---- the rewrite -----------------------------------------------------------------------------------
 _FLOAT, _WRAP, _FOLDED = "float", "wrap", "folded"
+# Every layer of a QAT model computes in float32, whatever the float model's dtype policy. The int8
+# file it simulates holds no half-precision tensor, and half precision is off its integer grid: the
+# fake-quant op's float32 grid values move by up to 0.12 of a step in float16 (11-bit mantissa) and
+# 0.9 in bfloat16 (8 bits), 1% of them onto another level, and Conv/Dense in half precision put 3-6%
+# of a digits CNN's outputs a step or more away from the file's. Keras's loss scaling (mixed_float16)
+# works on these float32 gradients as on any others.
+_COMPUTE_DTYPE = "float32"
 
 
 def _quantize(model, scheme, skip, annotated_only):
@@ -210,7 +217,7 @@ def _quantize(model, scheme, skip, annotated_only):
         names.taken.update(output_names)
 
     def on_output(index, tensor):
-        return keras.layers.Identity(name=output_names[index])(tensor)
+        return keras.layers.Identity(name=output_names[index], dtype=_COMPUTE_DTYPE)(tensor)
 
     return rewrite.run(call_layer, on_input=on_input, on_output=on_output if keep_names else None)
 
@@ -224,7 +231,7 @@ def _substitute(steps, layer, rewrite):
     """
     step = steps[0]
     if step.action == _FLOAT:
-        return wrappers.strip(layer, rewrite)
+        return wrappers.strip(layer, rewrite, **_in_float32(layer))
     name = rewrite.names.take(f"quant_{wrappers.unwrap(layer).name}")
     inner = {"unique_name": False}  # names inside a wrapper need not be unique in the model
     scheme = step.scheme
@@ -235,16 +242,19 @@ def _substitute(steps, layer, rewrite):
         is_batchnorm = isinstance(wrappers.unwrap(folded), keras.layers.BatchNormalization)
         frozen = folded is None or not is_batchnorm or not _untrained(folded)
         scheme = QuantizationScheme.from_config({**scheme.get_config(), "freeze_batchnorm": frozen})
-    batchnorm = wrappers.strip(step.batchnorm, rewrite, **inner) if step.batchnorm is not None else None
+    batchnorm = (
+        wrappers.strip(step.batchnorm, rewrite, **inner, **_in_float32(step.batchnorm))
+        if step.batchnorm is not None else None
+    )
     if step.depthwise_rank is not None:
         unwrapped = wrappers.unwrap(layer)
         if isinstance(unwrapped, keras.layers.BatchNormalization):
-            batchnorm = wrappers.strip(layer, rewrite, **inner)
+            batchnorm = wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
         else:
             batchnorm = affine_as_batchnorm(unwrapped, step.depthwise_rank)
         layer = _identity_depthwise(unwrapped, step.depthwise_rank)
     else:
-        layer = wrappers.strip(layer, rewrite, **inner)
+        layer = wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
         layer,
@@ -252,6 +262,7 @@ def _substitute(steps, layer, rewrite):
         batchnorm=batchnorm,
         quantize_output=quantize_output if len(steps) > 1 else quantize_output[0],
         name=name,
+        dtype=_COMPUTE_DTYPE,
     )
 
 
@@ -262,14 +273,24 @@ def _identity_depthwise(batchnorm, rank):
     """
     layer_class = keras.layers.DepthwiseConv2D if rank == 4 else keras.layers.DepthwiseConv1D
     return layer_class(
-        1, use_bias=False, depthwise_initializer="ones", trainable=False, name=f"{batchnorm.name}_depthwise"
+        1, use_bias=False, depthwise_initializer="ones", trainable=False, name=f"{batchnorm.name}_depthwise",
+        dtype=_COMPUTE_DTYPE,
     )
 
 
 def _quantize_float(tensor, scheme, name):
     if not keras.backend.is_float_dtype(tensor.dtype):
         return tensor
-    return Quantize(scheme.activations, name=name)(tensor)
+    return Quantize(scheme.activations, name=name, dtype=_COMPUTE_DTYPE)(tensor)
+
+
+def _in_float32(layer):
+    """Clone options that make a copy of `layer` compute in `_COMPUTE_DTYPE` where it computes in half
+    precision (a `mixed_float16` or `mixed_bfloat16` policy); none otherwise."""
+    inner = wrappers.unwrap(layer)
+    if isinstance(inner, keras.Model) or not isinstance(inner, keras.layers.Layer):
+        return {}  # a model kept whole, or a bare operation: it computes in its inputs' dtype
+    return {"dtype": _COMPUTE_DTYPE} if inner.dtype_policy.compute_dtype in ("float16", "bfloat16") else {}
 
 
 class _Step:
