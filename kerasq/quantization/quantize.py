@@ -3,12 +3,14 @@
 import keras
 import numpy as np
 
+from kerasq import _keras_private
 from kerasq.constraints import KeepZeros
 from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, wrappers
+from kerasq.graph.reader import layer_config
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
-from kerasq.quantization.calibrate import calibrate_ranges
 from kerasq.quantization.affine import affine_as_batchnorm
+from kerasq.quantization.calibrate import calibrate_ranges
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
@@ -231,7 +233,9 @@ def _substitute(steps, layer, rewrite):
     """
     step = steps[0]
     if step.action == _FLOAT:
-        return wrappers.strip(layer, rewrite, **_in_float32(layer))
+        if isinstance(layer, keras.layers.Bidirectional):
+            return _unrolled_bidirectional(layer, rewrite)
+        return wrappers.strip(layer, rewrite, **_in_float32(layer), **_unrolled(layer))
     name = rewrite.names.take(f"quant_{wrappers.unwrap(layer).name}")
     inner = {"unique_name": False}  # names inside a wrapper need not be unique in the model
     scheme = step.scheme
@@ -264,6 +268,34 @@ def _substitute(steps, layer, rewrite):
         name=name,
         dtype=_COMPUTE_DTYPE,
     )
+
+
+_RECURRENT = (keras.layers.RNN, keras.layers.Bidirectional)
+
+
+def _unrolled(layer):
+    """Clone options that unroll a recurrent layer over a sequence of known length: its loop then
+    converts to plain TFLite ops, where Keras 3's while loop needs TensorFlow ops TFLite lacks
+    (TensorListReserve). Nothing for other layers, or when the length is unknown."""
+    return {"unroll": True} if isinstance(layer, keras.layers.RNN) and _known_length(layer) else {}
+
+
+def _unrolled_bidirectional(layer, rewrite):
+    """A copy of a Bidirectional layer whose two recurrent layers are unrolled (see `_unrolled`)."""
+    config = layer_config(layer)
+    if _known_length(layer):
+        for key in ("layer", "backward_layer"):
+            if config.get(key):
+                config[key] = {**config[key], "config": {**config[key]["config"], "unroll": True}}
+    config["name"] = rewrite.names.take(layer.name)
+    clone = type(layer).from_config(config)
+    rewrite.weights.copy_layer(clone, layer)
+    return clone
+
+
+def _known_length(layer):
+    shape = _keras_private.build_input_shapes(layer)
+    return shape is not None and len(shape) >= 3 and shape[1] is not None
 
 
 def _identity_depthwise(batchnorm, rank):
@@ -323,7 +355,9 @@ def _plan(graph, scheme, skip, annotated_only):
             wanted = isinstance(node.layer, QuantizeAnnotate)
         else:
             wanted = not skip(layer)
-        if not wanted:
+        if not wanted or isinstance(layer, _RECURRENT):
+            # A recurrent layer is a float island: TFLite's int8 kernels cover none of the
+            # unrolled loop's gates, so its output is quantized again for the layers after it.
             steps[node.id] = _Step(_FLOAT)
             continue
         handler = handlers_lib.get_handler(layer)
