@@ -36,3 +36,24 @@ def test_keyword_spotting_style_model_exports_with_a_float_island_at_the_floor(k
     assert {"FULLY_CONNECTED", "LOGISTIC", "TANH"} <= {name for name, _ in report.float_ops}  # the gates, in float
     # 6 float epochs reach about 88-91%; the file keeps it within 9 of 450 test images.
     assert tflite.evaluate(x_test, y_test) >= model.evaluate(x_test, y_test, verbose=0)[1] - 0.02
+
+
+def test_time_distributed_dense_is_quantized_as_the_dense_it_wraps(digits):
+    (x, y), (x_test, y_test) = digits
+    x, x_test = x.reshape(-1, 8, 8), x_test.reshape(-1, 8, 8)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8)), keras.layers.TimeDistributed(keras.layers.Dense(16, activation="relu")),
+        keras.layers.Flatten(), keras.layers.Dense(10),
+    ])
+    model.compile(keras.optimizers.Adam(3e-3), LOSS, metrics=["accuracy"])
+    model.fit(x, y, epochs=6, verbose=0)
+    qat = kerasq.quantize_model(model, calibration_data=x)
+    wrapped = [type(layer.layer).__name__ for layer in qat.layers if isinstance(layer, kerasq.QuantizeWrapper)]
+    assert wrapped == ["Dense", "Flatten", "Dense"]  # the Dense over every time step at once
+    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
+    qat.fit(x, y, epochs=1, verbose=0)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed and report.fully_integer
+    assert tflite.evaluate(x_test, y_test) >= model.evaluate(x_test, y_test, verbose=0)[1] - 0.02

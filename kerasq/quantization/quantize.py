@@ -258,6 +258,9 @@ def _substitute(steps, layer, rewrite):
             batchnorm = affine_as_batchnorm(unwrapped, step.depthwise_rank)
         layer = _identity_depthwise(unwrapped, step.depthwise_rank)
     else:
+        distributed = _time_distributed_inner(wrappers.unwrap(layer))
+        if distributed is not None:
+            layer = distributed  # on (batch, time, features) it computes what TimeDistributed does
         layer = wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
@@ -291,6 +294,17 @@ def _unrolled_bidirectional(layer, rewrite):
     clone = type(layer).from_config(config)
     rewrite.weights.copy_layer(clone, layer)
     return clone
+
+
+def _time_distributed_inner(layer):
+    """The layer inside a TimeDistributed when it computes the same on the whole sequence at once
+    (a Dense, or an activation, acts on the last axis whatever the leading ones), else None."""
+    if not isinstance(layer, keras.layers.TimeDistributed):
+        return None
+    inner = layer.layer
+    acts_on_last_axis = (keras.layers.Dense, keras.layers.Activation, keras.layers.ReLU, keras.layers.Softmax,
+                         keras.layers.Dropout)
+    return inner if type(inner) in acts_on_last_axis else None
 
 
 def _known_length(layer):
@@ -360,7 +374,7 @@ def _plan(graph, scheme, skip, annotated_only):
             # unrolled loop's gates, so its output is quantized again for the layers after it.
             steps[node.id] = _Step(_FLOAT)
             continue
-        handler = handlers_lib.get_handler(layer)
+        handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
         if handler is None:
             unsupported.append(node)
         layer_scheme = getattr(node.layer, "scheme", None) or scheme
