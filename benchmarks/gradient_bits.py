@@ -26,6 +26,8 @@ import kerasq
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
 
+from plotting import pyplot  # benchmarks/plotting.py
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FLOAT_BITS = 32
 
@@ -109,12 +111,8 @@ def table(results, seeds, epochs, command):
 
 
 def plot(results, bits_list, nearest_bits, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(figsize=(6, 4))
     for stochastic_rounding, widths, marker in ((True, bits_list, "o"), (False, nearest_bits, "s")):

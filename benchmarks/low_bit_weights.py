@@ -25,6 +25,8 @@ import kerasq
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
 
+from plotting import pyplot  # benchmarks/plotting.py
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BITS = (8, 4, 3, 2)
 ESTIMATORS = ("max", "mse")
@@ -107,12 +109,8 @@ def table(floats, rows, args, seconds):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for estimator, style in zip(ESTIMATORS, ("-", "--")):

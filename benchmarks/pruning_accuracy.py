@@ -25,6 +25,8 @@ import kerasq
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
 
+from plotting import pyplot  # benchmarks/plotting.py
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FINETUNE_LEARNING_RATE = LEARNING_RATE
 UNSTRUCTURED = (0.5, 0.8, 0.9)
@@ -126,12 +128,8 @@ def table(results, seeds, epochs, finetune_epochs):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(figsize=(6, 4))
     float_mean = statistics.mean(acc for acc, _ in results["float"])
