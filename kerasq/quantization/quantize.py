@@ -273,7 +273,7 @@ def _substitute(steps, layer, rewrite):
     )
 
 
-_RECURRENT = (keras.layers.RNN, keras.layers.Bidirectional)
+_FLOAT_ISLANDS = (keras.layers.RNN, keras.layers.Bidirectional, keras.layers.MultiHeadAttention)
 
 
 def _unrolled(layer):
@@ -369,9 +369,10 @@ def _plan(graph, scheme, skip, annotated_only):
             wanted = isinstance(node.layer, QuantizeAnnotate)
         else:
             wanted = not skip(layer)
-        if not wanted or isinstance(layer, _RECURRENT):
-            # A recurrent layer is a float island: TFLite's int8 kernels cover none of the
-            # unrolled loop's gates, so its output is quantized again for the layers after it.
+        if not wanted or isinstance(layer, _FLOAT_ISLANDS):
+            # A recurrent layer or attention is a float island: kerasq does not simulate their
+            # inner ops (an unrolled loop's gates, attention's matmuls and softmax) in int8 yet, so
+            # they run in float and their output is quantized again for the layers after them.
             steps[node.id] = _Step(_FLOAT)
             continue
         handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
