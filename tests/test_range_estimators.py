@@ -174,3 +174,17 @@ def test_low_bit_weights_export_at_the_floor(trained, digits, bits):
     assert kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test).passed
     dtypes = {t.dtype for t in read_graph(content).tensors}
     assert ("int4" in dtypes) == (bits <= 4)
+
+
+def test_layer_schemes_give_one_layer_4bit_weights(trained, digits):
+    (x, _), (x_test, _) = digits
+    four_bits = QuantizationScheme(weights=WeightQuantizer(bits=4, estimator="mse"))
+    qat = kerasq.quantize_model(trained, calibration_data=x[:256], layer_schemes={"conv2": four_bits})
+    assert qat.get_layer("quant_conv2").scheme.weights.bits == 4
+    assert qat.get_layer("quant_logits").scheme.weights.bits == 8
+    content = kerasq.export_tflite(qat)
+    kernels = {t.dtype for t in read_graph(content).tensors if len(t.shape) == 4 and t.dtype in ("int4", "int8")}
+    assert kernels == {"int4", "int8"}  # conv2's kernel packed at 4 bits, the first conv's at 8
+    assert kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test).passed
+    with pytest.raises(ValueError, match="does not have: \\['conv9'\\]"):
+        kerasq.quantize_model(trained, layer_schemes={"conv9": four_bits})

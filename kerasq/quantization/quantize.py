@@ -17,7 +17,7 @@ from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
 
 def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, preserve_clusters=False,
-                   calibration_data=None):
+                   calibration_data=None, layer_schemes=None):
     """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
 
     Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
@@ -40,6 +40,9 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
         calibration_data: inputs (as for `predict`) to set every activation range from before
             training, with the scheme's estimator (`kerasq.calibrate_ranges`), so QAT starts where
             post-training quantization ends. Without it ranges start from the first training batch.
+        layer_schemes: `{layer name: scheme}` for layers that take another scheme than `scheme`,
+            e.g. `{"conv2": QuantizationScheme(weights=WeightQuantizer(bits=4))}` for 4-bit
+            weights in one layer (`quantize_annotate_layer(layer, scheme=...)` does the same).
 
     Example:
     >>> import keras, kerasq
@@ -49,12 +52,15 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
     >>> [type(layer).__name__ for layer in qat.layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper', 'QuantizeWrapper']
     """
+    if preserve_clusters and layer_schemes:
+        raise ValueError("layer_schemes cannot be combined with preserve_clusters yet: give one scheme.")
     if preserve_clusters:
         from kerasq.clustering import quantize_preserving_clusters  # clustering builds on this module
 
         quantized = quantize_preserving_clusters(model, scheme=scheme, skip=skip)
     else:
-        quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False)
+        quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False,
+                              layer_schemes=layer_schemes)
     if preserve_sparsity and not preserve_clusters:
         _keep_zeros(quantized)
     if calibration_data is not None:
@@ -171,7 +177,7 @@ _FLOAT, _WRAP, _FOLDED = "float", "wrap", "folded"
 _COMPUTE_DTYPE = "float32"
 
 
-def _quantize(model, scheme, skip, annotated_only):
+def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
     if isinstance(model, keras.Model) and is_quantized(model):
         raise ValueError(
             f"Model '{model.name}' is already quantized: it holds kerasq Quantize/QuantizeWrapper "
@@ -179,7 +185,8 @@ def _quantize(model, scheme, skip, annotated_only):
             "model it came from."
         )
     graph = LayerGraph(model)
-    plan = _plan(graph, scheme, skip, annotated_only)
+    layer_schemes = _check_layer_schemes(graph, layer_schemes)
+    plan = _plan(graph, scheme, skip, annotated_only, layer_schemes)
     rewrite = Rewrite(
         graph, lambda layer, rewrite: _substitute([plan[n.id] for n in graph.nodes_of(layer)], layer, rewrite)
     )
@@ -296,6 +303,21 @@ def _unrolled_bidirectional(layer, rewrite):
     return clone
 
 
+def _check_layer_schemes(graph, layer_schemes):
+    """`{layer name: QuantizationScheme}`, every name a layer of the model."""
+    if not layer_schemes:
+        return {}
+    if not isinstance(layer_schemes, dict):
+        raise TypeError(f"layer_schemes must be a dict of layer names to schemes; got {type(layer_schemes).__name__}.")
+    names = {_unannotated(node.layer).name for node in graph.nodes}
+    unknown = sorted(set(layer_schemes) - names)
+    if unknown:
+        raise ValueError(
+            f"layer_schemes names layers the model does not have: {unknown}. Its layers: {sorted(names)}."
+        )
+    return {name: get_scheme(value) for name, value in layer_schemes.items()}
+
+
 def _time_distributed_inner(layer):
     """The layer inside a TimeDistributed when it computes the same on the whole sequence at once
     (a Dense, or an activation, acts on the last axis whatever the leading ones), else None."""
@@ -351,7 +373,7 @@ class _Step:
         self.quantized_operation = False
 
 
-def _plan(graph, scheme, skip, annotated_only):
+def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
     """Decides, per layer call, whether it is wrapped, left in float, or folded into its producer."""
     steps, unsupported, inexact = {}, [], []
     for node in graph.nodes:
@@ -378,7 +400,7 @@ def _plan(graph, scheme, skip, annotated_only):
         handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
         if handler is None:
             unsupported.append(node)
-        layer_scheme = getattr(node.layer, "scheme", None) or scheme
+        layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name) or scheme
         steps[node.id] = _Step(_WRAP, layer_scheme, handler)
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
