@@ -244,9 +244,10 @@ def test_global_macs_target(keep_macs):
     model = _randomize(_resnet_style())
     slim = prune_channels(model, keep_macs=keep_macs)
     kept = kerasq.estimate_macs(slim) / kerasq.estimate_macs(model)
-    # As for parameters: the fewest channel removals that reach the target, so at most one channel
-    # (a few percent of this small model's MACs) below it.
-    assert keep_macs - 0.08 <= kept <= keep_macs, kept
+    # The fewest channel removals that reach the target: below it by at most one removal, and one
+    # channel of a residual stream goes from every block on it (here up to about a tenth of the
+    # MACs), so the margin is 0.15.
+    assert keep_macs - 0.15 <= kept <= keep_macs, kept
     with pytest.raises(ValueError, match="keep_macs"):
         prune_channels(model, keep_macs=1.5)
     with pytest.raises(ValueError, match="not both"):

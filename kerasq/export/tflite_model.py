@@ -185,6 +185,13 @@ class TFLiteModel:
         return found
 
     @property
+    def is_float_file(self):
+        """True for a file with no quantized activations at all (float32, float16 or dynamic-range)."""
+        produced = {i for op in self._graph.ops for i in op.outputs}
+        quantized = ("int8", "uint8", "int16")
+        return not any(t.index in produced and t.dtype in quantized for t in self._graph.tensors)
+
+    @property
     def is_fully_integer(self):
         """True when every tensor between the inputs and the outputs is integer (int8/int16/int32...)."""
         return not self.float_tensors and self._graph.num_subgraphs == 1

@@ -73,12 +73,14 @@ class ParityReport:
     size_bytes: int
     float_reference: bool = False  # a quantized file against a float model (one that does not simulate int8)
     floor_kernels: tuple = FLOOR_KERNELS  # the kernel paths that could run the file, for the floor
-    float_ops: tuple = ()  # (op name, output tensor) of each op that computes in float in the file
+    # (op name, output tensor) of each op that computes in float in a quantized file; None for a
+    # float file, where every op does.
+    float_ops: tuple = ()
 
     @property
     def fully_integer(self):
         """True when no op between the file's inputs and outputs computes in float."""
-        return not self.float_ops
+        return self.float_ops is not None and not self.float_ops
 
     @property
     def passed(self):
@@ -105,7 +107,7 @@ class ParityReport:
             "float_reference": self.float_reference,
             "floor_kernels": list(self.floor_kernels),
             "fully_integer": self.fully_integer,
-            "float_ops": [list(op) for op in self.float_ops],
+            "float_ops": None if self.float_ops is None else [list(op) for op in self.float_ops],
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
 
@@ -127,7 +129,8 @@ class ParityReport:
         if any(o.unit == "abs" for o in self.outputs):
             lines.append("abs: float output, differences in absolute units (steps: multiples of the output's scale)")
         lines.append(f"Result: {'PASSED' if self.passed else 'FAILED'}")
-        lines.append(_integer_text(self.float_ops))
+        if self.float_ops is not None:
+            lines.append(_integer_text(self.float_ops))
         if self.float_reference:
             lines.append(_FLOAT_REFERENCE_TEXT)
         if self.fragile:
@@ -250,7 +253,7 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
         size_bytes=default.size_bytes,
         float_reference=not hooks.is_quantized(model) and any(o.unit == "steps" for o in outputs),
         floor_kernels=tuple(alternatives),
-        float_ops=tuple(default.float_ops),
+        float_ops=None if default.is_float_file else tuple(default.float_ops),
     )
     if report.fragile:
         warnings.warn(_FRAGILE_TEXT, RuntimeWarning, stacklevel=2)

@@ -366,8 +366,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return normalized
         # Batch statistics for the first `freeze` steps, then the moving ones, frozen from then on.
         warming_up = ops.less(self._batchnorm_steps, float(freeze))
-        bn.moving_mean.assign(ops.where(warming_up, moving_mean, bn.moving_mean))
-        bn.moving_variance.assign(ops.where(warming_up, moving_variance, bn.moving_variance))
+        bn.moving_mean.assign(ops.where(warming_up, moving_mean, ops.convert_to_tensor(bn.moving_mean)))
+        bn.moving_variance.assign(ops.where(warming_up, moving_variance, ops.convert_to_tensor(bn.moving_variance)))
         self._batchnorm_steps.assign(ops.minimum(self._batchnorm_steps + 1.0, float(freeze)))
         return ops.where(warming_up, normalized, linear + folded_bias)
 

@@ -382,35 +382,37 @@ class ActivationQuantizer(_Configurable):
         """One training batch: the moving average (or running extremes) of the batch estimates.
         A frozen range (`seen` < 0) stays; a learned one is only initialized."""
         batch_min, batch_max = self.batch_range(x)
-        seen = state["seen"]
+        # Tensors, not the variables: JAX's ops take no Variable objects.
+        old_min, old_max, seen = (ops.convert_to_tensor(state[key]) for key in ("min", "max", "seen"))
         first = ops.equal(seen, 0.0)
         frozen = ops.less(seen, 0.0)
         if self.learn_range:
             new_min, new_max = batch_min, batch_max
             update = first
         elif self.estimator == "minmax":
-            new_min = ops.where(first, batch_min, ops.minimum(state["min"], batch_min))
-            new_max = ops.where(first, batch_max, ops.maximum(state["max"], batch_max))
+            new_min = ops.where(first, batch_min, ops.minimum(old_min, batch_min))
+            new_max = ops.where(first, batch_max, ops.maximum(old_max, batch_max))
             update = ops.logical_not(frozen)
         else:
             decay = self.ema_decay
-            new_min = ops.where(first, batch_min, decay * state["min"] + (1.0 - decay) * batch_min)
-            new_max = ops.where(first, batch_max, decay * state["max"] + (1.0 - decay) * batch_max)
+            new_min = ops.where(first, batch_min, decay * old_min + (1.0 - decay) * batch_min)
+            new_max = ops.where(first, batch_max, decay * old_max + (1.0 - decay) * batch_max)
             update = ops.logical_not(frozen)
-        state["min"].assign(ops.where(update, new_min, state["min"]))
-        state["max"].assign(ops.where(update, new_max, state["max"]))
+        state["min"].assign(ops.where(update, new_min, old_min))
+        state["max"].assign(ops.where(update, new_max, old_max))
         state["seen"].assign(ops.where(frozen, seen, ops.minimum(seen + 1.0, 1e9)))
 
     def _calibrate(self, x, state):
         """One calibration batch: the running mean of the batch estimates (extremes for "minmax")."""
         batch_min, batch_max = self.batch_range(x)
-        seen = ops.maximum(state["seen"], 0.0)
+        old_min, old_max = ops.convert_to_tensor(state["min"]), ops.convert_to_tensor(state["max"])
+        seen = ops.maximum(ops.convert_to_tensor(state["seen"]), 0.0)
         first = ops.equal(seen, 0.0)
         if self.estimator == "minmax":
-            new_min, new_max = ops.minimum(state["min"], batch_min), ops.maximum(state["max"], batch_max)
+            new_min, new_max = ops.minimum(old_min, batch_min), ops.maximum(old_max, batch_max)
         else:
-            new_min = state["min"] + (batch_min - state["min"]) / (seen + 1.0)
-            new_max = state["max"] + (batch_max - state["max"]) / (seen + 1.0)
+            new_min = old_min + (batch_min - old_min) / (seen + 1.0)
+            new_max = old_max + (batch_max - old_max) / (seen + 1.0)
         state["min"].assign(ops.where(first, batch_min, new_min))
         state["max"].assign(ops.where(first, batch_max, new_max))
         state["seen"].assign(seen + 1.0)
