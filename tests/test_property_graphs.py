@@ -1,0 +1,517 @@
+"""Property test: random small Functional graphs quantize, train, export fully int8 and match their file.
+
+Each example is a Keras Functional model drawn from layers kerasq supports: Conv2D, DepthwiseConv2D
+and SeparableConv2D (with and without bias, linear/relu/relu6 activations, strides 1 or 2, "same" or
+"valid" padding), BatchNormalization after them (and after additions, concatenations and nested
+models), ReLU/ReLU6 layers, max and average pooling, additions of two branches of equal shape
+(residual, two convolutions, or a skip from an earlier tensor), concatenations of two branches, a
+layer (or a small Sequential model) shared between two calls, a nested Sequential or Functional
+model, and one or two heads (GlobalAveragePooling2D or Flatten, an optional hidden Dense with or
+without BatchNormalization, a Dense output). It is quantized with
+`kerasq.quantize_model`, trained for one step on a batch of digits, exported with
+`kerasq.export_tflite`, and the file must be fully integer and pass `kerasq.verify_tflite` on the
+digits test set (every output within max(1 step, the kernel-path floor) of the Keras model).
+
+A failing example is printed as the Python code that builds its model (the `graph=` argument of the
+falsifying example; assertion messages repeat it under the parity report or the file's summary),
+ready to paste.
+
+The default run draws 10 graphs from a fixed seed (about a minute on 2 cores), so a failure
+reproduces. More:
+
+    KERASQ_PROPERTY_EXAMPLES=200 .venv/bin/python -m pytest tests/test_property_graphs.py
+
+`KERASQ_PROPERTY_SEED=<int>` draws them from another seed, and `KERASQ_PROPERTY_KNOWN_BUGS=1` also
+draws the graphs that meet the known bugs listed below, which the default run leaves out. A graph
+whose training batch leaves an activation all zero is skipped (EMPTY_RANGE below).
+"""
+
+# KNOWN BUGS. The default run leaves out the graphs that meet these kerasq bugs (each exclusion in
+# the generator names its bug); KERASQ_PROPERTY_KNOWN_BUGS=1 draws them too. `test_known_bug` pins
+# the first four with their smallest graphs as strict xfails, so a fix shows up as XPASS: then drop
+# the exclusion and the xfail.
+#
+# SHARED_BATCHNORM: a BatchNormalization called more than once (on its own, or inside a Sequential
+#   model called twice) stays float in the file: DEQUANTIZE, MUL, ADD, QUANTIZE for each call.
+#   `_standalone_batchnorm_rank` (kerasq/quantization/quantize.py) runs a BatchNorm with nothing to
+#   fold into as an int8 DEPTHWISE_CONV_2D only when it is called once, and a BatchNorm after a
+#   shared convolution is not folded into it either.
+# EMPTY_RANGE: an activation that is 0 over the whole training batch (a dead ReLU) gets the range
+#   [0, 1e-6] (`ActivationQuantizer.range`); the converter writes a scale of about 6e-9 for it and
+#   LiteRT cannot load the file (XNNPACK: "failed to prepare"; the reference kernels abort).
+# CONCAT_MIXED_SCALES: a Concatenate with an input that keeps its own quantization (the model input,
+#   or a tensor another layer reads too) and an input that kerasq leaves unrounded for the
+#   concatenation (an op that only feeds it). The converter writes the concatenation, and that
+#   unrounded input, at the other input's scale, then requantizes to the concatenation's range (a
+#   QUANTIZE op); the Keras model rounds the unrounded input once, to the concatenation's range.
+#   Values outside the other input's range are clipped in the file: 70 to 150 output steps off.
+#   (When the other input comes through a MaxPooling2D, the converter instead requantizes the pooled
+#   tensor for all its readers, the convolution beside the concatenation included: 1 to 3 steps.)
+# CONCAT_FOLDED_BATCHNORM: a convolution with a BatchNorm folded into it, whose output only feeds a
+#   Concatenate, keeps its own range (`_producer_taking_scale` stops at the folded BatchNorm's
+#   node), so the concatenation is mixed as above: 80 to 110 steps off.
+# RELU_REQUANTIZE: a ReLU or ReLU6 layer that cannot fuse into the op before it (a convolution with
+#   its own relu activation, another ReLU) and whose output only feeds a Concatenate is written at
+#   the concatenation's scale. When that scale is more than twice its input's, TFLite's int8 RELU and
+#   RELU6 kernels (XNNPACK and the reference kernels alike) round twice (a rounding doubling
+#   high multiply on the int8 value, then a rounding shift), so values a little under half a step
+#   past a grid point round up; kerasq rounds once, to nearest. One step on 5-20% of those values: the
+#   output's mean difference is 2-3 times the floor's, and deeper graphs go past the floor's maximum.
+#   Not pinned by `test_known_bug`: whether a graph's output fails depends on its floor.
+# SOFTMAX_STEPS (the parity criterion rather than the simulation): a softmax head's logits may be
+#   one step apart in Keras and in the file, as any output may, and the softmax turns that into
+#   up to 3 steps of its output, past max(1 step, the floor) when the kernel paths agree on the
+#   logits (measured: 1 graph in 60 drawn with a softmax head half the time). The default run's
+#   heads have no softmax.
+
+import functools
+import math
+import os
+
+import hypothesis
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import strategies as st
+from keras import layers
+
+import kerasq
+from kerasq.data import load_digits
+
+EXAMPLES = int(os.environ.get("KERASQ_PROPERTY_EXAMPLES", "10"))
+SEED = os.environ.get("KERASQ_PROPERTY_SEED")
+IMAGE_SIZE = 8
+TRAIN_BATCH = 64  # one optimizer step
+HEAD_UNITS = (10, 2)  # the digit, and its parity
+ACTIVATIONS = ("linear", "relu", "relu6")
+# Graphs that meet a known kerasq bug (see KNOWN BUGS above) are drawn, and checked, only with
+# KERASQ_PROPERTY_KNOWN_BUGS=1; the default run leaves them out.
+KNOWN_BUGS = os.environ.get("KERASQ_PROPERTY_KNOWN_BUGS", "") not in ("", "0")
+FILTERS = (4, 2, 8)
+BATCHNORM = "layers.BatchNormalization(momentum=0.9)"
+
+
+class Graph:
+    """A random model as the Python code that builds it: `code` is what `build()` runs, and what a
+    failing example prints."""
+
+    def __init__(self, seed, channels):
+        self.seed = seed
+        self.channels = channels
+        self.lines = []
+        self.outputs = []  # (variable name, units, softmax)
+        self._count = 0
+
+    def fresh(self, prefix):
+        self._count += 1
+        return f"{prefix}{self._count}"
+
+    @property
+    def code(self):
+        outputs = self.outputs[0][0] if len(self.outputs) == 1 else "[" + ", ".join(o[0] for o in self.outputs) + "]"
+        header = [
+            f"keras.utils.set_random_seed({self.seed})",
+            f"inputs = keras.Input(({IMAGE_SIZE}, {IMAGE_SIZE}, {self.channels}))",
+        ]
+        return "\n".join(header + self.lines + [f"model = keras.Model(inputs, {outputs})"])
+
+    def build(self):
+        namespace = {"keras": keras, "layers": layers}
+        exec(self.code, namespace)  # noqa: S102 - the code this module generated
+        return namespace["model"]
+
+    def __repr__(self):
+        return "\n" + self.code + "\n"
+
+
+class Scope:
+    """The tensors of one Functional graph (the model's, or a nested model's) as it is drawn."""
+
+    def __init__(self, graph, prefix, input_name, shape):
+        self.graph = graph
+        self.prefix = prefix
+        self.tensors = [(input_name, shape)]  # (variable name, (size, channels)): square feature maps
+        self.concat_inputs = set()  # tensors a Concatenate reads: nothing else may read them (CONCAT_MIXED_SCALES)
+
+    @property
+    def last(self):
+        return self.tensors[-1]
+
+    def call(self, layer_code, inputs, shape):
+        name = self.graph.fresh(self.prefix)
+        args = inputs[0] if len(inputs) == 1 else "[" + ", ".join(inputs) + "]"
+        self.graph.lines.append(f"{name} = {layer_code}({args})")
+        self.tensors.append((name, shape))
+        return name, shape
+
+    def chain(self, layer_codes, source, shape):
+        name = source
+        for code in layer_codes:
+            name, _ = self.call(code, [name], shape)
+        return name, shape
+
+    def earlier(self, predicate, exclude=None):
+        """Tensors other than `exclude` whose shape satisfies `predicate`, that another layer may read."""
+        return [
+            t for t in self.tensors
+            if t[0] != exclude and predicate(t[1]) and (KNOWN_BUGS or t[0] not in self.concat_inputs)
+        ]
+
+    def concatenate(self, inputs, shape):
+        self.concat_inputs.update(inputs)
+        return self.call("layers.Concatenate()", inputs, shape)
+
+
+def _output_size(size, kernel, strides, padding):
+    return math.ceil(size / strides) if padding == "same" else (size - kernel) // strides + 1
+
+
+def _spatial_layer(draw, kind, size, channels, *, filters=None, preserve=False):
+    """A Conv2D, DepthwiseConv2D or SeparableConv2D for (size, size, channels) inputs, as code, and its
+    output shape. `filters` fixes the output channels; `preserve` keeps the spatial size."""
+    kernel = draw(st.sampled_from([3, 1]))
+    padding = "same" if preserve or kernel > size else draw(st.sampled_from(["same", "valid"]))
+    strides = 1 if preserve or size < 2 else draw(st.sampled_from([1, 2]))
+    use_bias = draw(st.booleans())
+    activation = draw(st.sampled_from(ACTIVATIONS))
+    if kind == "depthwise":
+        multiplier = (filters // channels) if filters else 1 if channels > 8 else draw(st.sampled_from([1, 2]))
+        args = [str(kernel)] + ([f"depth_multiplier={multiplier}"] if multiplier != 1 else [])
+        out_channels = channels * multiplier
+        name = "DepthwiseConv2D"
+    else:
+        out_channels = filters or draw(st.sampled_from(FILTERS))
+        args = [str(out_channels), str(kernel)]
+        name = "Conv2D" if kind == "conv" else "SeparableConv2D"
+    if strides != 1:
+        args.append(f"strides={strides}")
+    args.append(f'padding="{padding}"')
+    if not use_bias:
+        args.append("use_bias=False")
+    if activation != "linear":
+        args.append(f'activation="{activation}"')
+    return f"layers.{name}({', '.join(args)})", (_output_size(size, kernel, strides, padding), out_channels)
+
+
+def _kinds(channels, filters):
+    """The convolutions that can give `filters` output channels from `channels` (any if None)."""
+    depthwise = filters is None or filters in (channels, 2 * channels)
+    return ["conv", "depthwise", "separable"] if depthwise else ["conv", "separable"]
+
+
+def _post_layers(draw, batchnorm=True):
+    """Optional BatchNormalization, then an optional ReLU or ReLU6 layer."""
+    codes = []
+    if batchnorm and draw(st.booleans()):
+        codes.append(BATCHNORM)
+    activation = draw(st.sampled_from([None, "relu", "relu6"]))
+    if activation:
+        codes.append("layers.ReLU()" if activation == "relu" else "layers.ReLU(6.0)")
+    return codes
+
+
+def _unit_layers(draw, size, channels, *, filters=None, preserve=False, into_concat=False):
+    """A convolution with its optional BatchNormalization and ReLU/ReLU6 layer after it."""
+    kind = draw(st.sampled_from(_kinds(channels, filters)))
+    conv, shape = _spatial_layer(draw, kind, size, channels, filters=filters, preserve=preserve)
+    codes = [conv] + _post_layers(draw)
+    return (_concat_input(codes) if into_concat else codes), shape
+
+
+def _concat_input(codes):
+    """`codes` without the layers at their end that meet a known bug when a Concatenate reads their
+    output (unless KERASQ_PROPERTY_KNOWN_BUGS is set)."""
+    codes = list(codes)
+    while len(codes) >= 2 and not KNOWN_BUGS:
+        before, last = codes[-2], codes[-1]
+        convolution = "Conv2D(" in before
+        if last == BATCHNORM and convolution and "activation=" not in before:
+            codes.pop()  # CONCAT_FOLDED_BATCHNORM: the BatchNorm folds into the convolution
+        elif last.startswith("layers.ReLU(") and (before.startswith("layers.ReLU(") or "activation=" in before):
+            codes.pop()  # RELU_REQUANTIZE: a ReLU that cannot fuse, written at the concatenation's scale
+        else:
+            break
+    return codes
+
+
+def _unit(draw, scope, source, shape, **kwargs):
+    codes, out_shape = _unit_layers(draw, *shape, **kwargs)
+    return scope.chain(codes, source, out_shape)
+
+
+def _block(draw, scope, nested_allowed):
+    """Adds one block to `scope`, reading its last tensor."""
+    x, (size, channels) = scope.last
+    kinds = ["conv", "add", "concat", "shared"] + (["pool"] if size >= 2 else [])
+    kinds += ["nested"] if nested_allowed else []
+    kind = draw(st.sampled_from(kinds))
+
+    if kind == "conv":
+        _unit(draw, scope, x, (size, channels))
+
+    elif kind == "pool":
+        pool = draw(st.sampled_from(["MaxPooling2D", "AveragePooling2D"]))
+        padding = draw(st.sampled_from(["valid", "same"]))
+        scope.call(f'layers.{pool}(2, padding="{padding}")', [x], (_output_size(size, 2, 2, padding), channels))
+
+    elif kind == "add":
+        skips = scope.earlier(lambda shape: shape == (size, channels), exclude=x)
+        variant = draw(st.sampled_from(["residual", "branches"] + (["skip"] if skips else [])))
+        if variant == "residual":  # x + conv(x)
+            branch, _ = _unit(draw, scope, x, (size, channels), filters=channels, preserve=True)
+            pair = [x, branch]
+        elif variant == "branches":  # conv_a(x) + conv_b(x)
+            filters = draw(st.sampled_from(FILTERS))
+            a, _ = _unit(draw, scope, x, (size, channels), filters=filters, preserve=True)
+            b, _ = _unit(draw, scope, x, (size, channels), filters=filters, preserve=True)
+            pair, channels = [a, b], filters
+        else:  # a skip connection from an earlier tensor of the same shape
+            pair = [draw(st.sampled_from(skips))[0], x]
+        y, shape = scope.call("layers.Add()", pair, (size, channels))
+        scope.chain(_post_layers(draw), y, shape)
+
+    elif kind == "concat":
+        skips = scope.earlier(lambda shape: shape[0] == size, exclude=x)
+        # CONCAT_MIXED_SCALES: x reads on elsewhere (or is the model input), and so does an earlier tensor.
+        mixed = ["branch"] + (["skip"] if skips else []) if KNOWN_BUGS else []
+        variant = draw(st.sampled_from(["branches"] + mixed))
+        if variant == "branches":  # [conv_a(x), conv_b(x)]
+            a, (_, filters_a) = _unit(draw, scope, x, (size, channels), preserve=True, into_concat=True)
+            b, (_, filters_b) = _unit(draw, scope, x, (size, channels), preserve=True, into_concat=True)
+            pair = [(a, filters_a), (b, filters_b)]
+        elif variant == "branch":  # [x, conv(x)]
+            branch, (_, filters) = _unit(draw, scope, x, (size, channels), preserve=True)
+            pair = [(x, channels), (branch, filters)]
+        else:  # with an earlier tensor of the same spatial size
+            earlier, (_, filters) = draw(st.sampled_from(skips))
+            pair = [(earlier, filters), (x, channels)]
+        if draw(st.booleans()):
+            pair.reverse()
+        y, shape = scope.concatenate([p[0] for p in pair], (size, sum(p[1] for p in pair)))
+        scope.chain(_post_layers(draw), y, shape)
+
+    elif kind == "shared":
+        variant = draw(st.sampled_from(["branches", "twice"]))
+        model = draw(st.booleans())  # a small Sequential model shared, rather than one layer
+        if variant == "twice":  # shared(shared(x)): the layer keeps the shape
+            codes, out_shape = _unit_layers(draw, size, channels, filters=channels, preserve=True)
+        else:  # shared(x) and shared(x'), x' a tensor of x's shape, then merged
+            codes, out_shape = _unit_layers(draw, size, channels)
+        if not model:
+            codes = codes[:1]
+        elif not KNOWN_BUGS:
+            codes = [code for code in codes if code != BATCHNORM]  # SHARED_BATCHNORM
+        merge = draw(st.sampled_from(["Add", "Concatenate"])) if variant == "branches" else None
+        if merge == "Concatenate":
+            codes = _concat_input(codes)
+        shared = scope.graph.fresh("shared")
+        if model:
+            body = ", ".join([f"keras.Input(({size}, {size}, {channels}))"] + codes)
+            scope.graph.lines.append(f'{shared} = keras.Sequential([{body}], name="{shared}")')
+        else:
+            scope.graph.lines.append(f"{shared} = {codes[0]}")
+        if variant == "twice":
+            y, _ = scope.call(shared, [x], out_shape)
+            y, _ = scope.chain(_post_layers(draw, batchnorm=False), y, out_shape)
+            y, _ = scope.call(shared, [y], out_shape)
+            scope.chain(_post_layers(draw), y, out_shape)
+        else:
+            same = scope.earlier(lambda shape: shape == (size, channels), exclude=x)
+            source = draw(st.sampled_from(["conv", "maxpool"] + (["earlier"] if same else [])))
+            if source == "conv":
+                other, _ = _unit(draw, scope, x, (size, channels), filters=channels, preserve=True)
+            elif source == "maxpool":
+                other, _ = scope.call('layers.MaxPooling2D(3, strides=1, padding="same")', [x], (size, channels))
+            else:
+                other = draw(st.sampled_from(same))[0]
+            calls = []
+            for source_tensor in (x, other):
+                y, _ = scope.call(shared, [source_tensor], out_shape)
+                post = _post_layers(draw)
+                if merge == "Concatenate":
+                    post = _concat_input(codes + post)[len(codes):]
+                calls.append(scope.chain(post, y, out_shape)[0])
+            if merge == "Add":
+                merged_shape = out_shape
+                y, _ = scope.call("layers.Add()", calls, merged_shape)
+            else:
+                merged_shape = (out_shape[0], 2 * out_shape[1])
+                y, _ = scope.concatenate(calls, merged_shape)
+            scope.chain(_post_layers(draw), y, merged_shape)
+
+    else:  # nested: a Sequential or Functional model used as a layer
+        sub = scope.graph.fresh("sub")
+        if draw(st.sampled_from(["sequential", "functional"])) == "sequential":
+            codes, shape = [], (size, channels)
+            for _ in range(draw(st.integers(1, 2))):
+                more, shape = _unit_layers(draw, *shape)
+                codes += more
+            body = ", ".join([f"keras.Input(({size}, {size}, {channels}))"] + codes)
+            scope.graph.lines.append(f'{sub} = keras.Sequential([{body}], name="{sub}")')
+            out_shape = shape
+        else:
+            sub_input = f"{sub}_in"
+            scope.graph.lines.append(f"{sub_input} = keras.Input(({size}, {size}, {channels}))")
+            inner = Scope(scope.graph, f"{sub}_t", sub_input, (size, channels))
+            for _ in range(draw(st.integers(1, 2))):
+                _block(draw, inner, nested_allowed=False)
+            inner_output, out_shape = inner.last
+            scope.graph.lines.append(f'{sub} = keras.Model({sub_input}, {inner_output}, name="{sub}")')
+        y, _ = scope.call(sub, [x], out_shape)
+        scope.chain(_post_layers(draw), y, out_shape)  # folding and fusion across the model boundary
+
+
+def _head(draw, scope, index, source):
+    name, (size, channels) = source
+    flatten = size * size * channels <= 256 and draw(st.booleans())
+    codes = ["layers.Flatten()" if flatten else "layers.GlobalAveragePooling2D()"]
+    if draw(st.booleans()):
+        activation = draw(st.sampled_from(ACTIVATIONS))
+        codes.append("layers.Dense(8)" if activation == "linear" else f'layers.Dense(8, activation="{activation}")')
+        if draw(st.booleans()):
+            codes.append(BATCHNORM)
+    for code in codes:
+        name, _ = scope.call(code, [name], None)
+    units = HEAD_UNITS[index]
+    softmax = KNOWN_BUGS and draw(st.booleans())  # SOFTMAX_STEPS
+    extra = ', activation="softmax"' if softmax else ""
+    scope.graph.lines.append(f'head{index} = layers.Dense({units}{extra}, name="head{index}")({name})')
+    scope.graph.outputs.append((f"head{index}", units, softmax))
+
+
+@st.composite
+def graphs(draw):
+    """A random small Functional model (as a `Graph`): 1 to 3 blocks, then 1 or 2 heads."""
+    graph = Graph(seed=draw(st.integers(0, 1000)), channels=draw(st.integers(1, 3)))
+    scope = Scope(graph, "t", "inputs", (IMAGE_SIZE, graph.channels))
+    for _ in range(draw(st.integers(1, 3))):
+        _block(draw, scope, nested_allowed=True)
+    feature_maps = [scope.last] + scope.earlier(lambda shape: True, exclude=scope.last[0])[::-1]
+    _head(draw, scope, 0, feature_maps[0])
+    if draw(st.booleans()):  # a second head, from the last or an earlier feature map
+        _head(draw, scope, 1, draw(st.sampled_from(feature_maps)))
+    return graph
+
+
+@functools.cache
+def _digits():
+    # Not the `digits` fixture: Hypothesis would print the arrays with every failing example.
+    return load_digits()
+
+
+def _images(x, channels):
+    """The digits with `channels` channels: the image, its transpose, its upside-down copy."""
+    return np.concatenate([x, x.transpose(0, 2, 1, 3), x[:, ::-1]], axis=-1)[..., :channels]
+
+
+def _targets(graph, y):
+    targets = [y if units == 10 else y % 2 for _, units, _ in graph.outputs]
+    return targets[0] if len(targets) == 1 else targets
+
+
+def _losses(graph):
+    losses = [keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax) for *_, softmax in graph.outputs]
+    return losses[0] if len(losses) == 1 else losses
+
+
+def _settings(test):
+    test = settings(
+        max_examples=EXAMPLES,
+        deadline=None,  # building, training and converting a model takes seconds
+        derandomize=SEED is None,
+        database=None,  # nothing written into the working tree
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )(test)
+    return test if SEED is None else hypothesis.seed(int(SEED))(test)
+
+
+def empty_ranges(model):
+    """The activation ranges of `model` that training left empty: every value it saw was 0 (a dead
+    ReLU). Such a range is held open by a hair (1e-6), and the file gets a scale the kernels reject
+    (EMPTY_RANGE below)."""
+    values = {
+        w.path: float(keras.ops.convert_to_numpy(w))
+        for w in model.non_trainable_weights
+        if len(w.shape) == 0 and w.path.endswith(("_min", "_max"))
+    }
+    return [
+        path[: -len("_min")]
+        for path, low in values.items()
+        if path.endswith("_min")
+        and path[: -len("_min")] + "_max" in values
+        and max(values[path[: -len("_min")] + "_max"], 0.0) - min(low, 0.0) < 1e-5
+    ]
+
+
+def check_graph(graph, skip_empty_ranges=not KNOWN_BUGS):
+    """Quantizes, trains one step, exports and verifies `graph`'s model; raises on any failure."""
+    (x_train, y_train), (x_test, _) = _digits()
+    keras.backend.clear_session()
+    model = graph.build()
+    qat = kerasq.quantize_model(model)
+    keras.utils.set_random_seed(graph.seed)
+    qat.compile(keras.optimizers.Adam(1e-3), loss=_losses(graph))
+    x = _images(x_train[:TRAIN_BATCH], graph.channels)
+    qat.fit(x, _targets(graph, y_train[:TRAIN_BATCH]), batch_size=TRAIN_BATCH, epochs=1, verbose=0)
+    if skip_empty_ranges and empty_ranges(qat):
+        reject()  # EMPTY_RANGE: a dead activation, which a random graph meets now and then
+
+    content = kerasq.export_tflite(qat)
+    tflite = kerasq.TFLiteModel(content)
+    lines = []
+    tflite.summary(print_fn=lines.append, show_tensors=False)
+    summary = "\n".join(lines)
+    assert tflite.is_fully_integer, f"float tensors in the file: {tflite.float_tensors}\n{summary}\n{graph.code}"
+    assert all(q is not None for q in tflite.output_quantization), f"int8 outputs expected\n{summary}\n{graph.code}"
+    report = kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), _images(x_test, graph.channels))
+    assert report.passed, f"{report}\n{graph.code}"
+    return report
+
+
+@pytest.mark.filterwarnings("ignore:Warning. the model is numerically fragile")  # one step of training
+@_settings
+@given(graph=graphs())
+def test_random_graph_exports_fully_integer_at_the_parity_floor(graph):
+    check_graph(graph)  # a failing graph is printed as its code: `graph=` in the falsifying example
+
+
+# The smallest graph of each known bug (see KNOWN BUGS at the top), on 8x8x1 digits.
+KNOWN_BUG_GRAPHS = {
+    "SHARED_BATCHNORM": [
+        't1 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
+        't2 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
+        "shared3 = layers.BatchNormalization(momentum=0.9)",
+        "t4 = layers.Add()([shared3(t1), shared3(t2)])",
+        "t5 = layers.GlobalAveragePooling2D()(t4)",
+    ],
+    "EMPTY_RANGE": [
+        "negative = keras.initializers.Constant(-1.0)",
+        't1 = layers.Conv2D(4, 3, padding="same", activation="relu", kernel_initializer=negative)(inputs)',
+        "t5 = layers.Flatten()(t1)",
+    ],
+    "CONCAT_MIXED_SCALES": [
+        't1 = layers.Conv2D(2, 3, padding="same", kernel_initializer=keras.initializers.Constant(-1.0))(inputs)',
+        "t2 = layers.Concatenate()([t1, inputs])",
+        "t5 = layers.Flatten()(t2)",
+    ],
+    "CONCAT_FOLDED_BATCHNORM": [
+        "t1 = layers.Conv2D(2, 1)(inputs)",
+        "t2 = layers.BatchNormalization(momentum=0.9)(t1)",
+        "t3 = layers.Conv2D(2, 1, kernel_initializer=keras.initializers.Constant(5.0))(inputs)",
+        "t4 = layers.Concatenate()([t2, t3])",
+        "t5 = layers.Flatten()(t4)",
+    ],
+}
+
+
+@pytest.mark.parametrize("bug", sorted(KNOWN_BUG_GRAPHS))
+@pytest.mark.filterwarnings(
+    "ignore:The exported file is not fully integer", "ignore:Warning. the model is numerically fragile"
+)
+@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError), reason="a known kerasq bug (KNOWN BUGS)")
+def test_known_bug(bug):
+    graph = Graph(seed=0, channels=1)
+    graph.lines = KNOWN_BUG_GRAPHS[bug] + ['head0 = layers.Dense(10, name="head0")(t5)']
+    graph.outputs = [("head0", HEAD_UNITS[0], False)]
+    check_graph(graph, skip_empty_ranges=False)
