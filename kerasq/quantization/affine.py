@@ -9,7 +9,7 @@ Example:
 >>> import keras, numpy as np
 >>> from kerasq.quantization.affine import affine_as_batchnorm
 >>> rescaling = keras.layers.Rescaling(1 / 127.5, offset=-1.0)
->>> batchnorm = affine_as_batchnorm(rescaling, rank=4)
+>>> batchnorm = affine_as_batchnorm(rescaling)
 >>> x = np.array([[[[0.0, 127.5, 255.0]]]], "float32")
 >>> np.asarray(batchnorm(x)).round(6).tolist()
 [[[[-1.0, 0.0, 1.0]]]]
@@ -19,15 +19,18 @@ import keras
 import numpy as np
 
 
-def affine_as_batchnorm(layer, rank):
-    """A frozen, built-on-first-call BatchNormalization computing what `layer` computes on inputs of
-    `rank` (channels last), or None if `layer` is not a per-channel affine map kerasq knows."""
-    scale_offset = _scale_and_offset(layer)
+def is_affine_preprocessing(layer):
+    """True for a Rescaling or Normalization layer whose map is per channel (or one for all)."""
+    return _per_channel_scale_and_offset(layer) is not None
+
+
+def affine_as_batchnorm(layer):
+    """A frozen, built-on-first-call BatchNormalization computing what `layer` computes on
+    channels-last inputs, or None if `layer` is not a per-channel affine map kerasq knows."""
+    scale_offset = _per_channel_scale_and_offset(layer)
     if scale_offset is None:
         return None
     scale, offset = scale_offset
-    if scale.ndim > 1 or offset.ndim > 1:
-        return None
     return keras.layers.BatchNormalization(
         epsilon=0.0,
         trainable=False,
@@ -37,6 +40,14 @@ def affine_as_batchnorm(layer, rank):
         moving_variance_initializer="ones",
         name=f"{layer.name}_affine",
     )
+
+
+def _per_channel_scale_and_offset(layer):
+    """`_scale_and_offset` where both are per last-axis channel or scalars, else None."""
+    scale_offset = _scale_and_offset(layer)
+    if scale_offset is None or any(part.ndim > 1 for part in scale_offset):
+        return None
+    return scale_offset
 
 
 def _scale_and_offset(layer):

@@ -18,16 +18,11 @@ True
 import numpy as np
 
 from kerasq.export.calibration import calibration_samples
-from kerasq.graph import all_layers
+from kerasq.quantization.layers import quantized_layers
 from kerasq.quantization.quantizers import calibrating
 from kerasq.validation import input_specs
 
 MAX_SAMPLES = 1024
-
-
-def range_owners(model):
-    """The layers of `model` (nested ones included) that own activation ranges."""
-    return [layer for layer in all_layers(model) if callable(getattr(layer, "range_states", None))]
 
 
 def calibrate_ranges(model, data, batch_size=32):
@@ -43,7 +38,7 @@ def calibrate_ranges(model, data, batch_size=32):
 
     Fixed ranges (softmax, sigmoid) are left as they are.
     """
-    owners = range_owners(model)
+    owners = quantized_layers(model)
     if not owners:
         raise ValueError(
             f"Model '{model.name}' has no kerasq activation ranges to calibrate: make it with "

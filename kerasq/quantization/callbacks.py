@@ -30,16 +30,10 @@ import warnings
 import keras
 import numpy as np
 
-from kerasq.quantization.calibrate import range_owners
-from kerasq.quantization.layers import Quantize, QuantizeWrapper
+from kerasq.quantization.layers import QuantizeWrapper, quantized_layers
 from kerasq.quantization.quantizers import clipping_recorded
 from kerasq.summaries import scalar_writer, write_scalar
 from kerasq.training_state import retrace, sync_state_from_training
-
-
-def quantized_layers(model):
-    """The `Quantize` and `QuantizeWrapper` layers of `model`, nested ones included."""
-    return [layer for layer in range_owners(model) if isinstance(layer, (Quantize, QuantizeWrapper))]
 
 
 class _QuantizationCallback(keras.callbacks.Callback):

@@ -16,7 +16,8 @@ import keras
 
 from kerasq import _keras_private
 from kerasq.export.hooks import ExportHook, register_export_hook
-from kerasq.quantization.layers import Quantize, QuantizeWrapper, tracing_for_export
+from kerasq.quantization.layers import Quantize, QuantizeWrapper
+from kerasq.quantization.quantizers import tracing_for_export
 from kerasq.quantization.quantize import is_quantized
 
 

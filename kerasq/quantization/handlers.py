@@ -21,6 +21,7 @@ from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
+from kerasq.quantization.quantizers import is_tracing_for_export
 
 QUANTIZE = "quantize"
 PASS_THROUGH = "pass_through"
@@ -345,7 +346,7 @@ class ConvHandler(KernelHandler):
 
     def linear(self, layer, inputs, kernels, bias):
         def conv(x, strides, padding, dilation_rate):
-            if _dilated_on_tensorflow(layer, dilation_rate):
+            if _dilated_on_tensorflow(layer, strides, dilation_rate):
                 return _tf_dilated("Conv2D", x, kernels["kernel"], strides, padding, dilation_rate)
             return ops.conv(x, kernels["kernel"], strides, padding, layer.data_format, dilation_rate)
 
@@ -436,7 +437,7 @@ class SeparableConvHandler(KernelHandler):
 
 def _depthwise(layer, inputs, kernel):
     def depthwise(x, strides, padding, dilation_rate):
-        if _dilated_on_tensorflow(layer, dilation_rate):
+        if _dilated_on_tensorflow(layer, strides, dilation_rate):
             return _tf_dilated("DepthwiseConv2dNative", x, kernel, strides, padding, dilation_rate)
         return ops.depthwise_conv(x, kernel, strides, padding, layer.data_format, dilation_rate)
 
@@ -471,18 +472,16 @@ def _spatial_op(layer, inputs, op, pad=True):
     return ops.squeeze(outputs, axis=height_axis)
 
 
-def _dilated_on_tensorflow(layer, dilation_rate):
+def _dilated_on_tensorflow(layer, strides, dilation_rate):
     """A dilated 2D convolution traced for export on the TensorFlow backend, channels last, stride
     1. (Training keeps `keras.ops`: oneDNN has no gradient for a dilated depthwise op.)"""
-    from kerasq.quantization.layers import _TRACING_FOR_EXPORT  # layers imports this module
-
     return (
-        _TRACING_FOR_EXPORT.get()
+        is_tracing_for_export()
         and keras.backend.backend() == "tensorflow"
         and any(rate > 1 for rate in dilation_rate)
         and len(dilation_rate) == 2
         and _channels_last(layer)
-        and all(stride == 1 for stride in _strides(layer))
+        and all(stride == 1 for stride in strides)
     )
 
 
@@ -498,11 +497,6 @@ def _tf_dilated(op_name, x, kernel, strides, padding, dilation_rate):
         input=x, filter=kernel, strides=[1, *strides, 1], padding=padding.upper(),
         dilations=[1, *dilation_rate, 1],
     )
-
-
-def _strides(layer):
-    strides = getattr(layer, "strides", 1)
-    return tuple(strides) if isinstance(strides, (list, tuple)) else (strides,)
 
 
 def _add_bias(layer, outputs, bias):

@@ -1,34 +1,15 @@
 """The layers a quantized model is made of: `Quantize` and `QuantizeWrapper`."""
 
-import contextlib
-import contextvars
-
 import keras
 import numpy as np
 from keras import ops
 
 from kerasq import _keras_private
+from kerasq.graph import all_layers
 from kerasq.quantization import handlers as handlers_lib
 from kerasq.quantization import requantization
-from kerasq.quantization.quantizers import ActivationQuantizer
+from kerasq.quantization.quantizers import ActivationQuantizer, is_tracing_for_export
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
-
-
-_TRACING_FOR_EXPORT = contextvars.ContextVar("kerasq_tracing_for_export", default=False)
-
-
-@contextlib.contextmanager
-def tracing_for_export():
-    """While active, layers trace the graph the TFLite converter expects rather than simulate it.
-
-    The only difference: same-scale ops (average pooling, bilinear resizing) skip the rounding that
-    mirrors TFLite's integer kernels, since in the exported file those kernels do it themselves.
-    """
-    token = _TRACING_FOR_EXPORT.set(True)
-    try:
-        yield
-    finally:
-        _TRACING_FOR_EXPORT.reset(token)
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
@@ -228,7 +209,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
         input_range = self._input_ranges[call_index]
         rounds = self._policy == handlers_lib.SAME_SCALE and input_range is not None
-        if rounds and not _TRACING_FOR_EXPORT.get():
+        if rounds and not is_tracing_for_export():
             quantizer, state = input_range
             outputs = quantizer.round_like_tflite(outputs, state)
         output_quantizer = self._output_quantizers[call_index]
@@ -309,7 +290,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             and input_range is not None
             and output_range is not None
         )
-        if not applies or _TRACING_FOR_EXPORT.get():
+        if not applies or is_tracing_for_export():
             return outputs
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         multiplier = (
@@ -419,6 +400,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             quantize_output=self.quantize_output,
         )
         return config
+
+
+def quantized_layers(model):
+    """The `Quantize` and `QuantizeWrapper` layers of `model` (nested models and wrappers included):
+    the layers that own activation ranges and quantization switches."""
+    return [layer for layer in all_layers(model) if isinstance(layer, (Quantize, QuantizeWrapper))]
 
 
 def ranges_of(range_states):

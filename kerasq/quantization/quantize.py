@@ -5,13 +5,13 @@ import numpy as np
 
 from kerasq import _keras_private
 from kerasq.constraints import KeepZeros
-from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, wrappers
+from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
 from kerasq.graph.reader import layer_config
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
-from kerasq.quantization.affine import affine_as_batchnorm
+from kerasq.quantization.affine import affine_as_batchnorm, is_affine_preprocessing
 from kerasq.quantization.calibrate import calibrate_ranges
-from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold
+from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold, quantized_layers
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
@@ -136,7 +136,7 @@ def quantize_scope(*custom_objects):
 
 def is_quantized(model):
     """True if `model` holds kerasq fake-quantization layers (so it exports to an int8 file)."""
-    return any(isinstance(layer, (Quantize, QuantizeWrapper)) for layer in all_layers(model))
+    return bool(quantized_layers(model))
 
 
 @keras.saving.register_keras_serializable(package="kerasq")
@@ -262,7 +262,7 @@ def _substitute(steps, layer, rewrite):
         if isinstance(unwrapped, keras.layers.BatchNormalization):
             batchnorm = wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
         else:
-            batchnorm = affine_as_batchnorm(unwrapped, step.depthwise_rank)
+            batchnorm = affine_as_batchnorm(unwrapped)
         layer = _identity_depthwise(unwrapped, step.depthwise_rank)
     else:
         distributed = _time_distributed_inner(wrappers.unwrap(layer))
@@ -470,7 +470,7 @@ def _standalone_batchnorm_rank(graph, node, step):
         return None
     if isinstance(layer, keras.layers.BatchNormalization):
         rank = _channels_last_rank(layer)
-    elif node.input_refs and affine_as_batchnorm(layer, len(graph.spec(node.input_refs[0]).shape)) is not None:
+    elif node.input_refs and is_affine_preprocessing(layer):
         rank = len(graph.spec(node.input_refs[0]).shape)
     else:
         return None

@@ -34,6 +34,25 @@ _MSE_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
 
 _CALIBRATING = contextvars.ContextVar("kerasq_calibrating", default=False)
 _CLIPPING = contextvars.ContextVar("kerasq_clipping", default=None)
+_TRACING_FOR_EXPORT = contextvars.ContextVar("kerasq_tracing_for_export", default=False)
+
+
+@contextlib.contextmanager
+def tracing_for_export():
+    """While active, layers trace the graph the TFLite converter expects rather than simulate it:
+    same-scale ops (average pooling, bilinear resizing) skip the rounding that mirrors TFLite's
+    integer kernels, which do it themselves in the file, and ops with an exporting form (dilated
+    convolutions, rank-5 kernels) take it."""
+    token = _TRACING_FOR_EXPORT.set(True)
+    try:
+        yield
+    finally:
+        _TRACING_FOR_EXPORT.reset(token)
+
+
+def is_tracing_for_export():
+    """True inside `tracing_for_export()`."""
+    return _TRACING_FOR_EXPORT.get()
 
 
 @contextlib.contextmanager
@@ -105,7 +124,7 @@ class WeightQuantizer(_Configurable):
     def __call__(self, weights, channel_axis=None):
         """Fake-quantizes `weights`; `channel_axis=None` (or `per_channel=False`) means one scale."""
         weights = ops.convert_to_tensor(weights)
-        if channel_axis is not None and self.per_channel and len(weights.shape) > 4 and not _exporting():
+        if channel_axis is not None and self.per_channel and len(weights.shape) > 4 and not is_tracing_for_export():
             # TensorFlow's per-channel fake-quant gradient takes at most rank 4: train a Conv3D
             # kernel's (positions, channels) view, the same per-channel quantization. (The export
             # trace keeps the kernel whole: the converter reads a fake-quant op on the constant.)
@@ -432,12 +451,6 @@ class ActivationQuantizer(_Configurable):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits}, estimator={self.estimator!r}, ema_decay={self.ema_decay})"
-
-
-def _exporting():
-    from kerasq.quantization.layers import _TRACING_FOR_EXPORT  # layers imports this module
-
-    return _TRACING_FOR_EXPORT.get()
 
 
 def _check_choice(value, choices, what):
