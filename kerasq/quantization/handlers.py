@@ -21,6 +21,7 @@ from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
+from kerasq.quantization import requantization
 from kerasq.quantization.quantizers import is_tracing_for_export
 
 QUANTIZE = "quantize"
@@ -101,6 +102,56 @@ class LayerHandler:
 
     def run(self, layer, inputs, *args, **kwargs):
         return layer(inputs, *args, **kwargs)
+
+    def intermediate_ranges(self, layer):
+        """Names of the int8 tensors the file holds between the ops this layer becomes (a layer
+        TFLite runs as several ops: attention, layer normalization); each gets a learned range and
+        the layer runs with `run_simulated`. None by default."""
+        return ()
+
+    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
+        """The layer's output as the file's ops compute it, rounding each intermediate tensor with
+        `simulation` (a `Simulation`). Called instead of `run` when `intermediate_ranges` names any."""
+        return self.run(layer, inputs, *args, **kwargs)
+
+
+class Simulation:
+    """What `LayerHandler.run_simulated` rounds with: the ranges and weight quantizer of the
+    `QuantizeWrapper` that runs it, for one call, in training or inference.
+
+    `activation(name, x)` rounds `x` to the learned range `name` (training updates it);
+    `fixed(x, fixed_range)` to a range TFLite fixes (at inference only, as for softmax outputs);
+    `weight(w)` fake-quantizes a constant operand with one symmetric scale.
+    """
+
+    def __init__(self, wrapper, ranges, training):
+        self._wrapper = wrapper
+        self._ranges = ranges
+        self.training = training
+
+    @property
+    def enabled(self):
+        return self._wrapper.quantization_enabled
+
+    def activation(self, name, x):
+        return self._wrapper._quantize_activation(x, self._ranges[name], self.training)
+
+    @property
+    def bits(self):
+        return self._wrapper.scheme.activations.bits
+
+    def step(self, name):
+        """The scale of the learned range `name`, as the file holds it."""
+        return requantization.activation_step(self._wrapper.scheme.activations, self._ranges[name])
+
+    def fixed(self, x, fixed_range):
+        activations = self._wrapper.scheme.activations
+        low, high = fixed_range_for_bits(fixed_range, activations.bits)
+        state = {"min": low, "max": high, "seen": 0.0}
+        return activations.with_fixed_range((low, high))(x, state, training=self.training, enabled=self.enabled)
+
+    def weight(self, w):
+        return self._wrapper.scheme.weights(w) if self.enabled else w
 
 
 class ActivationHandler(LayerHandler):
@@ -593,7 +644,7 @@ def _register_builtin_handlers():
         layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.GlobalMaxPooling3D,
         layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
         layers.LeakyReLU, layers.PReLU, layers.ELU,
-        layers.BatchNormalization, layers.LayerNormalization, layers.Normalization,
+        layers.BatchNormalization, layers.Normalization,
         layers.Rescaling,
     ):
         register_handler(layer_class, quantize)

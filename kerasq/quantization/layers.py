@@ -182,6 +182,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 ranges["depthwise"] = activations.build(self, "depthwise" + suffix)
             if not self._activation_fuses:
                 ranges["pre_activation"] = activations.build(self, "pre_activation" + suffix)
+        for name in self.handler.intermediate_ranges(self.layer):
+            ranges[name] = activations.build(self, name + suffix)
         if self._output_quantizers[index] is not None:
             ranges["output"] = self._output_quantizers[index].build(self, "output" + suffix)
         return ranges
@@ -205,6 +207,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         ranges = self._ranges[call_index]
         if self.handler.has_kernels:
             outputs = self._call_kernels(inputs, ranges, training)
+        elif self.handler.intermediate_ranges(self.layer):
+            simulation = handlers_lib.Simulation(self, ranges, training)
+            outputs = self.handler.run_simulated(self.layer, simulation, inputs, *args, **kwargs)
         else:
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
         input_range = self._input_ranges[call_index]

@@ -268,7 +268,8 @@ def _substitute(steps, layer, rewrite):
         distributed = _time_distributed_inner(wrappers.unwrap(layer))
         if distributed is not None:
             layer = distributed  # on (batch, time, features) it computes what TimeDistributed does
-        layer = wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
+        original, layer = layer, wrappers.strip(layer, rewrite, **inner, **_in_float32(layer))
+        _build_like(layer, wrappers.unwrap(original))
     quantize_output = [each.quantize_output for each in steps]
     return QuantizeWrapper(
         layer,
@@ -280,7 +281,15 @@ def _substitute(steps, layer, rewrite):
     )
 
 
-_FLOAT_ISLANDS = (keras.layers.RNN, keras.layers.Bidirectional, keras.layers.MultiHeadAttention)
+_FLOAT_ISLANDS = (keras.layers.RNN, keras.layers.Bidirectional)
+
+
+def _build_like(clone, layer):
+    """Builds `clone` as `layer` was built when it took several inputs (attention's query and
+    value): the wrapper around it sees its first input only."""
+    config = layer.get_build_config() if layer.built else None
+    if config and len(config.get("shapes_dict", {})) > 1 and not clone.built:
+        clone.build_from_config(config)
 
 
 def _unrolled(layer):
@@ -392,9 +401,9 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
         else:
             wanted = not skip(layer)
         if not wanted or isinstance(layer, _FLOAT_ISLANDS):
-            # A recurrent layer or attention is a float island: kerasq does not simulate their
-            # inner ops (an unrolled loop's gates, attention's matmuls and softmax) in int8 yet, so
-            # they run in float and their output is quantized again for the layers after them.
+            # A recurrent layer is a float island: TFLite has no int8 kernels for an unrolled
+            # loop's gates, so it runs in float and its output is quantized again for the layers
+            # after it.
             steps[node.id] = _Step(_FLOAT)
             continue
         handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
