@@ -63,6 +63,41 @@ def as_functional(model):
     return traced
 
 
+def layer_as_functional(layer):
+    """A Functional model whose graph is a built custom layer's `call` followed on a symbolic input
+    (the layer's own sublayers, the same weights), or None when its call cannot be followed (it
+    takes several inputs, branches on tensor values, or computes with its own variables).
+
+    Example:
+    >>> import keras
+    >>> from kerasq.graph.tracing import layer_as_functional
+    >>> class Block(keras.layers.Layer):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.dense = keras.layers.Dense(4)
+    ...     def call(self, x):
+    ...         return x + self.dense(x)
+    >>> block = Block()
+    >>> _ = block(keras.ops.ones((1, 4)))
+    >>> [type(op).__name__ for op in layer_as_functional(block).operations]
+    ['InputLayer', 'Dense', 'Add']
+    """
+    shape = _keras_private.build_input_shapes(layer) if layer.built else None
+    if shape is None or not shape or isinstance(shape[0], (list, tuple)) or _own_weights(layer):
+        return None
+    inputs = keras.Input(batch_shape=(None,) + tuple(shape[1:]), dtype=layer.input_dtype)
+    try:
+        return keras.Model(inputs, layer.call(inputs), name=layer.name)
+    except Exception:  # noqa: BLE001 (any failure of the user's call() means: cannot follow it)
+        return None
+
+
+def _own_weights(layer):
+    """True when `layer` holds variables of its own, beside its sublayers'."""
+    inner = {id(weight) for sublayer in layer._layers for weight in sublayer.weights}
+    return any(id(weight) not in inner for weight in layer.weights)
+
+
 def _input_shapes(model):
     shape = _keras_private.build_input_shapes(model) if model.built else None
     if shape is None:

@@ -5,7 +5,7 @@ import numpy as np
 
 from kerasq import _keras_private
 from kerasq.constraints import KeepZeros
-from kerasq.graph import LayerGraph, Rewrite, rules, wrappers
+from kerasq.graph import LayerGraph, Rewrite, rules, tracing, wrappers
 from kerasq.graph.reader import layer_config
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
@@ -184,7 +184,7 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
             "layers. Train it as it is and export it with kerasq.export_tflite, or quantize the float "
             "model it came from."
         )
-    graph = LayerGraph(model)
+    graph = LayerGraph(_custom_layers_traced(model, skip))
     layer_schemes = _check_layer_schemes(graph, layer_schemes)
     plan = _plan(graph, scheme, skip, annotated_only, layer_schemes)
     rewrite = Rewrite(
@@ -198,6 +198,8 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
             return args[0]
         if not isinstance(node.layer, keras.layers.Layer):
             args, kwargs = keras.tree.map_structure(_as_float32_constant, (args, kwargs))
+        if step.action == _WRAP and step.scheme.activations.bits == 8:
+            args, kwargs = keras.tree.map_structure(_on_int8_grid, (args, kwargs))
         if step.action == _WRAP and graph.calls_of(node.layer) > 1:
             kwargs = {**kwargs, "call_index": graph.call_index(node)}
         if step.depthwise_rank == 2:
@@ -229,6 +231,24 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
         return keras.layers.Identity(name=output_names[index], dtype=_COMPUTE_DTYPE)(tensor)
 
     return rewrite.run(call_layer, on_input=on_input, on_output=on_output if keep_names else None)
+
+
+def _custom_layers_traced(model, skip):
+    """`model` with each custom layer kerasq has no handler for (a hand-written encoder block, say)
+    in the form of the Functional model its `call` makes of its sublayers and operations
+    (`tracing.layer_as_functional`), so those are quantized; `model` itself where there is none."""
+    traced = {}
+    for node in LayerGraph(model).nodes:
+        layer = node.layer
+        custom = isinstance(layer, keras.layers.Layer) and not isinstance(layer, keras.Model)
+        if custom and not type(layer).__module__.startswith("keras.") and not wrappers.is_wrapper(layer):
+            if handlers_lib.get_handler(layer) is None and not skip(layer) and layer.__dict__.get("_layers"):
+                functional = tracing.layer_as_functional(layer)
+                if functional is not None:
+                    traced[id(layer)] = functional
+    if not traced:
+        return model
+    return Rewrite(model, lambda layer, rewrite: traced.get(id(layer))).run()
 
 
 def _substitute(steps, layer, rewrite):
@@ -578,6 +598,17 @@ def _float64_constants_that_change(node):
             if not np.array_equal(np.asarray(leaf, np.float32).astype(np.float64), leaf):
                 found.append(f"  - '{node.path}' ({type(node.layer).__name__}): {np.asarray(leaf).ravel()[:4].tolist()}")
     return found
+
+
+def _on_int8_grid(value):
+    """A float constant operand of a quantized layer (fixed position encodings added to a sequence)
+    rounded to the int8 grid of its own range, as the converter stores it; anything else as it is.
+    Rounded once, the constant keeps its extremes, so the converter's grid is the same."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim == 0:
+        return value
+    low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
+    rounded = keras.quantizers.fake_quant_with_min_max_vars(value.astype("float32"), low, high, num_bits=8)
+    return keras.ops.convert_to_numpy(rounded)
 
 
 def _as_float32_constant(value):
