@@ -107,6 +107,42 @@ def test_four_bit_weights_have_at_most_15_levels_per_channel():
     np.testing.assert_allclose(quantized, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 6, 4, 3, 2])
+def test_training_path_equals_the_exported_fake_quant_op_bit_for_bit(bits):
+    """Training quantizes per-channel kernels with elementwise ops (TensorFlow's per-channel op is
+    slow on small kernels); the export trace uses the op the converter reads. Both must give the
+    same floats, eagerly and inside a tf.function, where Grappler rewrites arithmetic."""
+    import tensorflow as tf
+
+    from kerasq.quantization.quantizers import tracing_for_export
+
+    quantizer = WeightQuantizer(bits=bits)
+
+    def exported(weights, axis):
+        with tracing_for_export():
+            return quantizer(weights, channel_axis=axis)
+
+    traced = tf.function(lambda weights, axis: quantizer(weights, channel_axis=axis))
+    traced_export = tf.function(exported)
+    for shape, axis in (((3, 3, 8, 16), -1), ((1, 1, 24, 40), -1), ((3, 3, 5, 1), -1), ((3, 3, 4, 6), 2)):
+        for magnitude in (1e-3, 1.0, 30.0):
+            weights = (RNG.normal(size=shape) * magnitude).astype("float32")
+            weights[..., 0] = 0.0  # a dead channel
+            reference = np.asarray(exported(weights, axis))
+            np.testing.assert_array_equal(np.asarray(quantizer(weights, channel_axis=axis)), reference)
+            np.testing.assert_array_equal(traced(tf.constant(weights), axis).numpy(), reference)
+            np.testing.assert_array_equal(traced_export(tf.constant(weights), axis).numpy(), reference)
+
+
+def test_training_path_passes_the_gradient_to_every_weight():
+    import tensorflow as tf
+
+    weights = tf.Variable(RNG.normal(size=(3, 3, 4, 6)).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(WeightQuantizer()(weights, channel_axis=-1) * 3.0)
+    np.testing.assert_array_equal(tape.gradient(loss, weights).numpy(), np.full((3, 3, 4, 6), 3.0, "float32"))
+
+
 def test_weight_quantizer_config_round_trip():
     quantizer = WeightQuantizer(bits=6, per_channel=False, narrow_range=True)
     restored = WeightQuantizer.from_config(quantizer.get_config())

@@ -143,16 +143,23 @@ class WeightQuantizer(_Configurable):
         max_abs = ops.where(ops.equal(max_abs, 0.0), ops.ones_like(max_abs), max_abs)
         if self.estimator == "mse":
             max_abs = max_abs * ops.stop_gradient(self._best_fraction(weights, max_abs, axis))
+        elif not is_tracing_for_export():
+            # Nothing lies outside the range, so the gradient passes straight through to every weight
+            # (as the fake-quant op's gradient does, via the range, for the largest one).
+            quantized = ops.stop_gradient(self._fake_quant(weights, -max_abs, max_abs, axis, fast=True))
+            return quantized + (weights - ops.stop_gradient(weights))  # exactly `quantized`
         return self._fake_quant(weights, -max_abs, max_abs, axis)
 
-    def _fake_quant(self, weights, low, high, axis):
+    def _fake_quant(self, weights, low, high, axis, fast=False):
         if self.bits < 4 and self.narrow_range:
-            return self._on_the_4bit_grid(weights, low, high, axis)
+            return self._on_the_4bit_grid(weights, low, high, axis, fast)
+        if fast and axis is not None:
+            return _fake_quant_per_channel_values(weights, low, high, self.bits, self.narrow_range, axis)
         return keras.quantizers.fake_quant_with_min_max_vars(
             weights, low, high, num_bits=self.bits, narrow_range=self.narrow_range, axis=axis
         )
 
-    def _on_the_4bit_grid(self, weights, low, high, axis):
+    def _on_the_4bit_grid(self, weights, low, high, axis, fast=False):
         """2- and 3-bit weights as the 4-bit fake-quant of the clipped weights over a range 7/L times
         wider (L = 2^(b-1) - 1 levels a side): the same values, k * high / L for |k| <= L, and a
         range the converter stores as INT4 with the right scale. Given a 2- or 3-bit fake-quant op
@@ -162,6 +169,8 @@ class WeightQuantizer(_Configurable):
         if axis is not None:
             shape[axis] = -1
         clipped = ops.clip(weights, ops.reshape(low, shape), ops.reshape(high, shape)) if axis is not None else ops.clip(weights, low, high)
+        if fast and axis is not None:
+            return _fake_quant_per_channel_values(clipped, low * widen, high * widen, 4, True, axis)
         return keras.quantizers.fake_quant_with_min_max_vars(
             clipped, low * widen, high * widen, num_bits=4, narrow_range=True, axis=axis
         )
@@ -451,6 +460,33 @@ class ActivationQuantizer(_Configurable):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits}, estimator={self.estimator!r}, ema_decay={self.ema_decay})"
+
+
+def _fake_quant_per_channel_values(x, low, high, bits, narrow_range, axis):
+    """The values of TensorFlow's per-channel fake-quant op, bit for bit, in elementwise ops (no
+    gradient of its own: callers pass gradients straight through).
+
+    TensorFlow's CPU kernel quantizes one channel at a time, each a separate parallel loop: for a
+    small kernel with many channels that costs more than the convolution it feeds. The export trace
+    still uses the op, which the converter reads."""
+    quant_min = 1.0 if narrow_range else 0.0
+    quant_max = 2.0**bits - 1.0
+    shape = [1] * len(x.shape)
+    shape[axis] = -1
+    low, high = ops.reshape(low, shape), ops.reshape(high, shape)
+    # As the kernel's Nudge(): the zero point rounded half away from zero, then the range moved so
+    # that it falls on an integer.
+    # divide_no_nan: Grappler rewrites a division by a constant into a multiplication by its
+    # reciprocal, which rounds differently from the kernel's division.
+    scale = ops.divide_no_nan(high - low, quant_max - quant_min)
+    inverse_scale = (quant_max - quant_min) / (high - low)
+    zero_point = ops.clip(quant_min - low / scale, quant_min, quant_max)
+    zero_point = ops.floor(zero_point + 0.5)
+    nudged_min = (quant_min - zero_point) * scale
+    nudged_max = (quant_max - zero_point) * scale
+    quant_zero = ops.floor(-nudged_min * inverse_scale + 0.5)
+    shifted = ops.clip(x, nudged_min, nudged_max) - nudged_min
+    return ops.floor(shifted * inverse_scale - quant_zero + 0.5) * scale
 
 
 def _check_choice(value, choices, what):
