@@ -45,6 +45,7 @@ def test_one_model_one_seed(compare, tmp_path):
         assert lines[i - 1].startswith("|---") and lines[i].count("|") == lines[i - 2].count("|")
 
     (summary,) = result["summaries"]
+    assert summary["parity"]["kerasq"][0]["passed"] in (True, False)
     tfmot = compare.tfmot_available()
     assert (summary["tfmot_status"] is None) == tfmot, summary["tfmot_status"]
     kinds = compare.KINDS if tfmot else ("float32", "ptq", "kerasq")
@@ -60,6 +61,7 @@ def test_one_model_one_seed(compare, tmp_path):
     for toolkit in ("kerasq", "tfmot") if tfmot else ("kerasq",):
         (parity,) = summary["parity"][toolkit]
         assert 0.0 <= parity["agreement"] <= 1.0 and parity["max_diff"] >= 0.0
+        assert parity["floor_max_diff"] >= 0.0 and 0.0 <= parity["floor_agreement"] <= 1.0
         (ratio,) = summary["step_ratio"][toolkit]
         assert ratio > 0
         (seconds,) = summary["export_seconds"][toolkit]
