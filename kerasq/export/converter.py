@@ -127,7 +127,12 @@ def _convert(model, fn, mode, calibration, tf_names, in_type, out_type):
     import keras
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory(prefix="kerasq-export-") as tmp, quiet() as log:
+    # Given ranges for a float op's inputs and output, the converter infers ranges for its constant
+    # weights and quantizes it: a layer left in float would silently run int8 (and off its Keras
+    # model). Without inference, only what the model fake-quantizes is quantized.
+    keep_float = mode in ("qat", "qat16x8") and any(layer.weights for layer in hooks.float_layers(model))
+    inference = _constant_ranges_not_inferred() if keep_float else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="kerasq-export-") as tmp, quiet() as log, inference:
         try:
             archive = keras.export.ExportArchive()
             archive.track(model)
@@ -148,6 +153,28 @@ def _convert(model, fn, mode, calibration, tf_names, in_type, out_type):
                 text = text.replace(f"({mode_text(int8_mode)})", f"({mode_text(mode)})", 1)
                 raise ExportError(text.replace("has no int8 support", "has no 16x8 support", 1)) from error
             raise conversion_error(model, mode, error, log.text()) from error
+
+
+@contextlib.contextmanager
+def _constant_ranges_not_inferred():
+    """While active, TFLite conversions of fake-quantized models quantize only the tensors that
+    fake-quant ops give ranges to (the converter's `disable_infer_tensor_range`, which its Python API
+    sets only for low-bit QAT, with other changes)."""
+    from tensorflow.lite.python import lite
+
+    flags = lite.QuantizationMode.converter_flags
+
+    def without_inference(self, *args, **kwargs):
+        result = flags(self, *args, **kwargs)
+        if "disable_infer_tensor_range" in result:  # the flags of integer (QAT) conversions
+            result["disable_infer_tensor_range"] = True
+        return result
+
+    lite.QuantizationMode.converter_flags = without_inference
+    try:
+        yield
+    finally:
+        lite.QuantizationMode.converter_flags = flags
 
 
 _calibration_progress = None  # see calibration_progress()

@@ -38,6 +38,11 @@ class ExportHook:
         """The name the file gives the model output `tensor` (e.g. the float model's), or None."""
         return None
 
+    def float_layers(self, model):
+        """The layers of a quantized `model` left in float on purpose (skipped or not annotated):
+        export keeps their ops in float, and `verify_tflite` expects them there."""
+        return []
+
 
 class HookRegistration:
     """What `register_export_hook` returns: `undo()` unregisters the hook; as a context manager, the
@@ -92,6 +97,14 @@ def tracing():
         for hook in list(_HOOKS):
             stack.enter_context(hook.tracing())
         yield
+
+
+def float_layers(model):
+    """The layers any hook says `model` leaves in float on purpose."""
+    found = []
+    for hook in list(_HOOKS):
+        found.extend(layer for layer in hook.float_layers(model) if all(layer is not f for f in found))
+    return found
 
 
 def output_name(tensor):

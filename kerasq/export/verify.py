@@ -22,6 +22,7 @@ True
 """
 
 import dataclasses
+import re
 import warnings
 
 import numpy as np
@@ -76,11 +77,22 @@ class ParityReport:
     # (op name, output tensor) of each op that computes in float in a quantized file; None for a
     # float file, where every op does.
     float_ops: tuple = ()
+    # Names of the layers the quantized model leaves in float on purpose (`skip=`, layers
+    # `quantize_apply` found unannotated, recurrent float islands): their ops are expected in float.
+    float_layers: tuple = ()
 
     @property
     def fully_integer(self):
         """True when no op between the file's inputs and outputs computes in float."""
         return self.float_ops is not None and not self.float_ops
+
+    @property
+    def unexpected_float_ops(self):
+        """The float ops that belong to no layer left in float on purpose: ops TFLite has no integer
+        kernel for (or constants the converter could not quantize)."""
+        if self.float_ops is None:
+            return None
+        return tuple(op for op in self.float_ops if _layer_of(op[1], self.float_layers) is None)
 
     @property
     def passed(self):
@@ -108,6 +120,7 @@ class ParityReport:
             "floor_kernels": list(self.floor_kernels),
             "fully_integer": self.fully_integer,
             "float_ops": None if self.float_ops is None else [list(op) for op in self.float_ops],
+            "float_layers": list(self.float_layers),
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
 
@@ -130,7 +143,7 @@ class ParityReport:
             lines.append("abs: float output, differences in absolute units (steps: multiples of the output's scale)")
         lines.append(f"Result: {'PASSED' if self.passed else 'FAILED'}")
         if self.float_ops is not None:
-            lines.append(_integer_text(self.float_ops))
+            lines.append(_integer_text(self.float_ops, self.float_layers))
         if self.float_reference:
             lines.append(_FLOAT_REFERENCE_TEXT)
         if self.fragile:
@@ -254,25 +267,59 @@ def verify_tflite(model, tflite, x, *, batch_size=256):
         float_reference=not hooks.is_quantized(model) and any(o.unit == "steps" for o in outputs),
         floor_kernels=tuple(alternatives),
         float_ops=None if default.is_float_file else tuple(default.float_ops),
+        float_layers=tuple(layer.name for layer in hooks.float_layers(model)),
     )
     if report.fragile:
         warnings.warn(_FRAGILE_TEXT, RuntimeWarning, stacklevel=2)
     return report
 
 
-def _integer_text(float_ops):
-    """One line on what computes in float, so a PASS never hides a float island."""
+def _integer_text(float_ops, float_layers=()):
+    """What computes in float, so a PASS never hides a float island: the ops of layers left in
+    float on purpose, then any other."""
     if not float_ops:
         return "Integer: every op between the inputs and the outputs computes in integers."
+    chosen = {}
+    for _, tensor in float_ops:
+        layer = _layer_of(tensor, float_layers)
+        if layer is not None:
+            chosen.setdefault(layer, None)
+    others = [op for op in float_ops if _layer_of(op[1], float_layers) is None]
+    lines = []
+    if chosen:
+        lines.append(
+            f"Float ops in the file: {_op_counts([op for op in float_ops if op not in others])} of the layers "
+            f"left in float ({', '.join(chosen)}), between quantize and dequantize ops, as asked."
+        )
+    if others:
+        lines.append(
+            f"{'Other float' if chosen else 'Float'} ops in the file: {_op_counts(others)} (between quantize and "
+            "dequantize ops). They run in float because TFLite has no integer kernel for them "
+            "(TFLiteModel(...).summary() names their tensors)."
+        )
+    return "\n".join(lines)
+
+
+def _op_counts(ops):
     counts = {}
-    for name, _ in float_ops:
+    for name, _ in ops:
         counts[name] = counts.get(name, 0) + 1
-    listed = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in counts.items())
-    return (
-        f"Float ops in the file: {listed} (between quantize and dequantize ops). They run in float "
-        "because TFLite has no integer kernel for them or their layers were left in float "
-        "(TFLiteModel(...).summary() names their tensors)."
-    )
+    return ", ".join(f"{name} x{count}" if count > 1 else name for name, count in counts.items())
+
+
+def _layer_of(tensor_name, layer_names):
+    """The name in `layer_names` of the layer whose ops made the file's tensor `tensor_name`, or None.
+
+    The converter names a tensor after the TensorFlow ops fused into it ("model/dense_1/MatMul;..."),
+    whose scopes are the layers' names, with a `_<n>` suffix TensorFlow adds to repeated scopes."""
+    names = set(layer_names)
+    for part in re.split(r"[;/]", tensor_name):
+        if part in names:
+            return part
+        base = re.sub(r"_\d+$", "", part)
+        if base in names:
+            return base
+    return None
 
 
 def _step_slack(ref, step):

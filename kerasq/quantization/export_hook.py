@@ -41,5 +41,29 @@ class QuantizationExportHook(ExportHook):
                 return source.name
         return None
 
+    def float_layers(self, model):
+        """The layers between a quantized model's inputs and outputs that compute in float: those
+        `skip=` named, those `quantize_apply` found unannotated, and float islands (recurrent layers)."""
+        if not is_quantized(model):
+            return []
+        found = []
+        for layer in model.layers:
+            if isinstance(layer, keras.Model):
+                found.extend(self.float_layers(layer) or _float_leaves(layer))
+            elif not isinstance(layer, (Quantize, QuantizeWrapper, keras.layers.InputLayer, keras.layers.Identity)):
+                found.append(layer)
+        return found
+
+
+def _float_leaves(model):
+    """The layers of a nested model that holds no quantization layers."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(_float_leaves(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            found.append(layer)
+    return found
+
 
 registration = register_export_hook(QuantizationExportHook())
