@@ -42,14 +42,14 @@ class QuantizationExportHook(ExportHook):
         return None
 
     def float_layers(self, model):
-        """The layers between a quantized model's inputs and outputs that compute in float: those
-        `skip=` named, those `quantize_apply` found unannotated, and float islands (recurrent layers)."""
+        """The layers of a quantized model that compute in float: those `skip=` named, those
+        `quantize_apply` found unannotated, and float islands (recurrent layers)."""
         if not is_quantized(model):
             return []
         found = []
         for layer in model.layers:
             if isinstance(layer, keras.Model):
-                found.extend(self.float_layers(layer) or _float_leaves(layer))
+                found.extend(self.float_layers(layer) if is_quantized(layer) else _float_leaves(layer))
             elif not isinstance(layer, (Quantize, QuantizeWrapper, keras.layers.InputLayer, keras.layers.Identity)):
                 found.append(layer)
         return found
