@@ -21,7 +21,7 @@ from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
-from kerasq.quantization import requantization
+from kerasq.quantization import requantization, xnnpack
 from kerasq.quantization.quantizers import is_tracing_for_export
 
 QUANTIZE = "quantize"
@@ -83,6 +83,9 @@ class LayerHandler:
     """
 
     has_kernels = False
+    # True: the layer always runs with `run_simulated`, which reads its input's scale
+    # (`Simulation.input_step`) as the file's kernel does.
+    simulated = False
 
     def __init__(
         self, output=QUANTIZE, fixed_range=None, fuses_activation=False, producers_take_output_scale=False
@@ -114,6 +117,11 @@ class LayerHandler:
         `simulation` (a `Simulation`). Called instead of `run` when `intermediate_ranges` names any."""
         return self.run(layer, inputs, *args, **kwargs)
 
+    def round_to_input_grid(self, layer, outputs, quantizer, state):
+        """A `SAME_SCALE` output rounded onto its input's grid (`quantizer`'s range `state`) as the
+        file's kernel rounds: ties away from zero, as TFLite's int8 kernels do."""
+        return quantizer.round_like_tflite(outputs, state)
+
 
 class Simulation:
     """What `LayerHandler.run_simulated` rounds with: the ranges and weight quantizer of the
@@ -124,10 +132,11 @@ class Simulation:
     `weight(w)` fake-quantizes a constant operand with one symmetric scale.
     """
 
-    def __init__(self, wrapper, ranges, training):
+    def __init__(self, wrapper, ranges, training, input_range=None):
         self._wrapper = wrapper
         self._ranges = ranges
         self.training = training
+        self._input_range = input_range
 
     @property
     def enabled(self):
@@ -143,6 +152,17 @@ class Simulation:
     def step(self, name):
         """The scale of the learned range `name`, as the file holds it."""
         return requantization.activation_step(self._wrapper.scheme.activations, self._ranges[name])
+
+    @property
+    def input_step(self):
+        """The scale of the layer's int8 input as the file holds it; None when no quantized layer
+        produces it (for handlers that set `simulated`)."""
+        return None if self._input_range is None else requantization.activation_step(*self._input_range)
+
+    @property
+    def output_step(self):
+        """The scale of the layer's learned output range; None when another layer quantizes it."""
+        return self.step("output") if "output" in self._ranges else None
 
     def fixed(self, x, fixed_range):
         activations = self._wrapper.scheme.activations
@@ -219,6 +239,26 @@ class UpSamplingHandler(LayerHandler):
             return layer(inputs)
         size = (height * layer.size[0], width * layer.size[1])
         return ops.image.resize(inputs, size, interpolation=layer.interpolation, data_format="channels_last")
+
+    def round_to_input_grid(self, layer, outputs, quantizer, state):
+        # LiteRT runs int8 RESIZE_BILINEAR with XNNPACK by default, which rounds ties up.
+        if getattr(layer, "interpolation", None) == "bilinear" and quantizer.bits == 8:
+            return xnnpack.round_half_up(outputs, quantizer, state)
+        return super().round_to_input_grid(layer, outputs, quantizer, state)
+
+
+class LeakyReLUHandler(LayerHandler):
+    """LeakyReLU as LiteRT's default int8 kernel (XNNPACK) computes it, with its 8-bit-fraction
+    slopes (`kerasq.quantization.xnnpack.leaky_relu`)."""
+
+    simulated = True
+
+    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
+        input_step, output_step = simulation.input_step, simulation.output_step
+        mirrors = simulation.enabled and simulation.bits == 8 and not (args or kwargs or is_tracing_for_export())
+        if not mirrors or input_step is None or output_step is None or not hasattr(layer, "negative_slope"):
+            return layer(inputs, *args, **kwargs)
+        return xnnpack.leaky_relu(inputs, layer.negative_slope, input_step, output_step)
 
 
 class ReshapeHandler(LayerHandler):
@@ -451,6 +491,26 @@ class EmbeddingHandler(KernelHandler):
         return False
 
 
+class PReLUHandler(KernelHandler):
+    """PReLU with its slopes fake-quantized as the file stores them: one symmetric int8 scale for
+    the whole alpha tensor."""
+
+    def __init__(self):
+        super().__init__(fuses_activation=False)
+
+    def kernel_axes(self, layer):
+        return {"alpha": None}
+
+    def linear(self, layer, inputs, kernels, bias):
+        # The converter quantizes the float alpha to the same int8 grid itself (a fake-quantized one
+        # would stay float), from the form Keras writes, which it turns into one PRELU op.
+        alpha = layer.alpha if is_tracing_for_export() else kernels["alpha"]
+        return ops.relu(inputs) + -alpha * ops.relu(-inputs)
+
+    def can_fold(self, layer):
+        return False
+
+
 class DepthwiseConvHandler(KernelHandler):
     """DepthwiseConv1D/2D: one weight scale per output channel (in_channels x depth_multiplier)."""
 
@@ -643,7 +703,7 @@ def _register_builtin_handlers():
         layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D, layers.GlobalAveragePooling3D,
         layers.GlobalMaxPooling1D, layers.GlobalMaxPooling2D, layers.GlobalMaxPooling3D,
         layers.Multiply, layers.Maximum, layers.Minimum, layers.Average,
-        layers.LeakyReLU, layers.PReLU, layers.ELU,
+        layers.ELU,
         layers.BatchNormalization, layers.Normalization,
         layers.Rescaling,
     ):
@@ -660,6 +720,8 @@ def _register_builtin_handlers():
     activation = ActivationHandler()
     for layer_class in (layers.Activation, layers.ReLU, layers.Softmax):
         register_handler(layer_class, activation)
+    register_handler(layers.LeakyReLU, LeakyReLUHandler())
+    register_handler(layers.PReLU, PReLUHandler())
     register_handler(layers.Dense, DenseHandler())
     register_handler(layers.Embedding, EmbeddingHandler())
     conv = ConvHandler()
