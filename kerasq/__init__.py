@@ -11,7 +11,7 @@ if _sys.argv[:1] == ["-m"] and getattr(_sys, "orig_argv", [])[1:3] == ["-m", "ke
     if not _command.wants_logging(_sys.orig_argv[2:]):
         _command.silence_tensorflow()
 
-from kerasq import clustering, data, distillation, export, graph, pruning, quantization, transfer
+from kerasq import clustering, data, distillation, export, graph, pruning, quantization, quantizers, transfer
 from kerasq.clustering import (
     CentroidInitialization,
     ClusterableLayer,
@@ -53,6 +53,7 @@ from kerasq.quantization import (
     QuantizationScheme,
     Quantize,
     QuantizeAnnotate,
+    QuantizeConfig,
     QuantizeWrapper,
     WeightQuantizer,
     calibrate_ranges,

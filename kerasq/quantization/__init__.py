@@ -23,6 +23,7 @@ from kerasq.quantization.quantize import (
     quantize_scope,
 )
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+from kerasq.quantization.tfmot_compat import QuantizeConfig
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 from kerasq.quantization import export_hook  # noqa: F401  (registers quantized models with export)
 from kerasq.quantization import attention, normalization  # noqa: F401  (register their handlers)

@@ -13,11 +13,13 @@ from kerasq.quantization.affine import affine_as_batchnorm, is_affine_preprocess
 from kerasq.quantization.calibrate import calibrate_ranges
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold, quantized_layers
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
+from kerasq.quantization import tfmot_compat
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
+from kerasq.quantization.tfmot_compat import QuantizeConfig
 
 
 def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, preserve_clusters=False,
-                   calibration_data=None, layer_schemes=None):
+                   calibration_data=None, layer_schemes=None, quantized_layer_name_prefix="quant_"):
     """Returns a new model that trains as its int8 TFLite export will run; `model` is not changed.
 
     Every supported layer is wrapped in a `QuantizeWrapper` (fake-quantized weights and outputs), each
@@ -43,6 +45,8 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
         layer_schemes: `{layer name: scheme}` for layers that take another scheme than `scheme`,
             e.g. `{"conv2": QuantizationScheme(weights=WeightQuantizer(bits=4))}` for 4-bit
             weights in one layer (`quantize_annotate_layer(layer, scheme=...)` does the same).
+        quantized_layer_name_prefix: the prefix of each quantized layer's name (tfmot's argument):
+            layer "conv" becomes "quant_conv".
 
     Example:
     >>> import keras, kerasq
@@ -57,10 +61,12 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
     if preserve_clusters:
         from kerasq.clustering import quantize_preserving_clusters  # clustering builds on this module
 
+        if quantized_layer_name_prefix != "quant_":
+            raise ValueError("quantized_layer_name_prefix cannot be combined with preserve_clusters yet.")
         quantized = quantize_preserving_clusters(model, scheme=scheme, skip=skip)
     else:
         quantized = _quantize(model, get_scheme(scheme), layer_predicate(skip), annotated_only=False,
-                              layer_schemes=layer_schemes)
+                              layer_schemes=layer_schemes, name_prefix=quantized_layer_name_prefix)
     if preserve_sparsity and not preserve_clusters:
         _keep_zeros(quantized)
     if calibration_data is not None:
@@ -68,8 +74,15 @@ def quantize_model(model, scheme="int8", skip=(), preserve_sparsity=False, prese
     return quantized
 
 
-def quantize_annotate_layer(to_annotate, scheme=None):
+def quantize_annotate_layer(to_annotate, quantize_config=None, scheme=None):
     """Marks one layer for `quantize_apply` (tfmot's name); the layer still runs in float until then.
+
+    Args:
+        to_annotate: a Keras layer.
+        quantize_config: a `kerasq.QuantizeConfig` (tfmot's API) saying which of its weights and
+            activations are quantized, and how; None for kerasq's defaults.
+        scheme: a `kerasq.QuantizationScheme` (or its name) for this layer instead of
+            `quantize_apply`'s.
 
     Example:
     >>> import keras, kerasq
@@ -82,14 +95,28 @@ def quantize_annotate_layer(to_annotate, scheme=None):
             "quantize_annotate_layer takes a keras layer (not a model: use quantize_annotate_model); "
             f"got {type(to_annotate).__name__}."
         )
-    return QuantizeAnnotate(to_annotate, scheme=scheme)
+    if isinstance(quantize_config, (str, QuantizationScheme)):  # kerasq's earlier second argument
+        quantize_config, scheme = None, quantize_config
+    if quantize_config is not None and not isinstance(quantize_config, QuantizeConfig):
+        raise TypeError(
+            f"quantize_config must be a kerasq.QuantizeConfig; got {type(quantize_config).__name__}. "
+            "(A tfmot QuantizeConfig subclass becomes one when it subclasses kerasq.QuantizeConfig.)"
+        )
+    if quantize_config is not None and scheme is not None:
+        raise ValueError("Give quantize_annotate_layer a quantize_config or a scheme, not both.")
+    return QuantizeAnnotate(to_annotate, scheme=scheme, quantize_config=quantize_config)
 
 
 def quantize_annotate_model(to_annotate):
     """Marks every layer of a model for `quantize_apply` (tfmot's name). Returns a new model."""
 
-
     def annotate(layer, rewrite):
+        if isinstance(layer, QuantizeAnnotate):
+            # Cloned by their classes, not through a saved config: a custom layer or QuantizeConfig
+            # need not be registered (or in a quantize_scope) until the model is saved.
+            inner = rewrite.clone(layer.layer, unique_name=False)
+            return QuantizeAnnotate(inner, scheme=layer.scheme, quantize_config=layer.quantize_config,
+                                    name=rewrite.names.take(layer.name))
         clone = rewrite.clone(layer)
         if not isinstance(layer, keras.layers.Layer) or isinstance(layer, QuantizeAnnotate):
             return clone  # bare operations are quantized by quantize_apply's neighbours
@@ -98,7 +125,7 @@ def quantize_annotate_model(to_annotate):
     return Rewrite(to_annotate, annotate).run()
 
 
-def quantize_apply(model, scheme="int8", calibration_data=None):
+def quantize_apply(model, scheme="int8", quantized_layer_name_prefix="quant_", calibration_data=None):
     """Quantizes the layers marked with `quantize_annotate_layer`; the rest stays float (tfmot's name).
 
     Example:
@@ -109,7 +136,8 @@ def quantize_apply(model, scheme="int8", calibration_data=None):
     >>> [type(layer).__name__ for layer in kerasq.quantize_apply(model).layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'Dense']
     """
-    quantized = _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True)
+    quantized = _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True,
+                          name_prefix=quantized_layer_name_prefix)
     if calibration_data is not None:
         calibrate_ranges(quantized, calibration_data)
     return quantized
@@ -128,6 +156,10 @@ def quantize_scope(*custom_objects):
         "QuantizationScheme": QuantizationScheme,
         "WeightQuantizer": WeightQuantizer,
         "ActivationQuantizer": ActivationQuantizer,
+        "QuantizeConfig": QuantizeConfig,
+        "LastValueQuantizer": tfmot_compat.LastValueQuantizer,
+        "MovingAverageQuantizer": tfmot_compat.MovingAverageQuantizer,
+        "AllValuesQuantizer": tfmot_compat.AllValuesQuantizer,
     }
     for extra in custom_objects:
         objects.update(extra)
@@ -143,8 +175,11 @@ def is_quantized(model):
 class QuantizeAnnotate(keras.layers.Wrapper):
     """A layer marked for quantization by `quantize_apply`; until then it runs its layer unchanged."""
 
-    def __init__(self, layer, scheme=None, **kwargs):
+    def __init__(self, layer, scheme=None, quantize_config=None, **kwargs):
         super().__init__(layer, **kwargs)
+        if isinstance(quantize_config, dict):
+            quantize_config = keras.saving.deserialize_keras_object(quantize_config)
+        self.quantize_config = quantize_config
         # keras.Sequential takes its input shape from its first layer's `input_shape=`: keep it visible.
         self._input_shape_arg = getattr(layer, "_input_shape_arg", None)
         if isinstance(scheme, dict):
@@ -163,7 +198,10 @@ class QuantizeAnnotate(keras.layers.Wrapper):
 
     def get_config(self):
         scheme = keras.saving.serialize_keras_object(self.scheme) if self.scheme else None
-        return {**super().get_config(), "scheme": scheme}
+        config = {**super().get_config(), "scheme": scheme}
+        if self.quantize_config is not None:
+            config["quantize_config"] = keras.saving.serialize_keras_object(self.quantize_config)
+        return config
 
 
 # ---- the rewrite -----------------------------------------------------------------------------------
@@ -177,7 +215,7 @@ _FLOAT, _WRAP, _FOLDED = "float", "wrap", "folded"
 _COMPUTE_DTYPE = "float32"
 
 
-def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
+def _quantize(model, scheme, skip, annotated_only, layer_schemes=None, name_prefix="quant_"):
     if isinstance(model, keras.Model) and is_quantized(model):
         raise ValueError(
             f"Model '{model.name}' is already quantized: it holds kerasq Quantize/QuantizeWrapper "
@@ -187,6 +225,8 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
     graph = LayerGraph(_custom_layers_traced(model, skip))
     layer_schemes = _check_layer_schemes(graph, layer_schemes)
     plan = _plan(graph, scheme, skip, annotated_only, layer_schemes)
+    for step in plan.values():
+        step.name_prefix = name_prefix
     rewrite = Rewrite(
         graph, lambda layer, rewrite: _substitute([plan[n.id] for n in graph.nodes_of(layer)], layer, rewrite)
     )
@@ -209,9 +249,9 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None):
             outputs = keras.ops.squeeze(outputs, 1)
         else:
             outputs = substitute(node)(*args, **kwargs)
-        if step.action == _FLOAT and step.requantize:
+        if step.requantize and (step.action == _FLOAT or not step.quantize_config_output):
             outputs = keras.tree.map_structure(
-                lambda tensor: _quantize_float(tensor, scheme, names.take(f"{node.layer.name}_quantize")),
+                lambda tensor: _quantize_float(tensor, scheme, names.take(f"{_unannotated(node.layer).name}_quantize")),
                 outputs,
             )
         return outputs
@@ -263,7 +303,7 @@ def _substitute(steps, layer, rewrite):
         if isinstance(layer, keras.layers.Bidirectional):
             return _unrolled_bidirectional(layer, rewrite)
         return wrappers.strip(layer, rewrite, **_in_float32(layer), **_unrolled(layer))
-    name = rewrite.names.take(f"quant_{wrappers.unwrap(layer).name}")
+    name = rewrite.names.take(f"{step.name_prefix}{wrappers.unwrap(layer).name}")
     inner = {"unique_name": False}  # names inside a wrapper need not be unique in the model
     scheme = step.scheme
     if scheme.freeze_batchnorm == "auto":
@@ -400,6 +440,10 @@ class _Step:
         self.requantize = True
         self.depthwise_rank = None  # a standalone BatchNorm running as a depthwise conv of this rank
         self.quantized_operation = False
+        self.name_prefix = "quant_"
+        # False when the layer's QuantizeConfig quantizes no activation or output: its output is
+        # then quantized where a quantized layer reads it, as a float layer's is.
+        self.quantize_config_output = True
 
 
 def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
@@ -430,6 +474,17 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
         if handler is None:
             unsupported.append(node)
         layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name) or scheme
+        config = getattr(node.layer, "quantize_config", None) if annotated_only else None
+        if config is not None and handler is not None:
+            kernels = list(handler.kernel_axes(layer)) if handler.has_kernels else []
+            chosen = tfmot_compat.scheme_from_config(config, layer, kernels, layer_scheme)
+            if chosen is None:
+                steps[node.id] = _Step(_FLOAT)
+                continue
+            layer_scheme, quantizes_output = chosen
+            steps[node.id] = _Step(_WRAP, layer_scheme, handler)
+            steps[node.id].quantize_config_output = quantizes_output
+            continue
         steps[node.id] = _Step(_WRAP, layer_scheme, handler)
     if unsupported:
         raise ValueError(_unsupported_message(unsupported))
@@ -455,6 +510,8 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
         fuses = handler.fuses_activation or step.depthwise_rank is not None
         if fuses and _fused_activation_follows(graph, node, output_node, steps):
             step.quantize_output = False
+        if not step.quantize_config_output:
+            step.quantize_output = False
 
     for node in graph.nodes:
         step = steps.get(node.id)
@@ -468,7 +525,7 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
 
     for node in graph.nodes:
         step = steps.get(node.id)
-        if step is not None and step.action == _FLOAT:
+        if step is not None and (step.action == _FLOAT or not step.quantize_config_output):
             # A float layer's output is quantized again only where a quantized layer reads it.
             step.requantize = (
                 step.quantized_operation
