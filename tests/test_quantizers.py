@@ -147,9 +147,13 @@ def test_weight_quantizer_config_round_trip():
     quantizer = WeightQuantizer(bits=6, per_channel=False, narrow_range=True)
     restored = WeightQuantizer.from_config(quantizer.get_config())
     assert restored == quantizer
-    assert restored.get_config() == {"bits": 6, "per_channel": False, "narrow_range": True, "estimator": "max"}
+    assert restored.get_config() == {
+        "bits": 6, "per_channel": False, "narrow_range": True, "estimator": "max", "packed_int4": False
+    }
     assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(quantizer)) == quantizer
     assert WeightQuantizer(bits=6) != quantizer
+    packed = WeightQuantizer(bits=4, packed_int4=True)
+    assert WeightQuantizer.from_config(packed.get_config()) == packed != WeightQuantizer(bits=4)
 
 
 @pytest.mark.parametrize("bits", [1, 0, 17, 8.0, "8"])

@@ -7,7 +7,7 @@ import pytest
 
 import kerasq
 from kerasq import ActivationQuantizer, QuantizationScheme, WeightQuantizer
-from kerasq.export.flatbuffer import read_graph
+from kerasq.export.flatbuffer import constant_values, read_graph
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -147,6 +147,16 @@ def test_learned_ranges_train_by_gradient_and_export_at_the_floor(trained, digit
     assert tflite.evaluate(x_test, y_test) >= trained.evaluate(x_test, y_test, verbose=0)[1] - 0.02
 
 
+def _conv_kernels(content):
+    """{dtype: [integer values of each convolution kernel (None for packed INT4)]} of a file."""
+    values = constant_values(content)
+    kernels = {}
+    for tensor in read_graph(content).tensors:
+        if tensor.is_constant and len(tensor.shape) == 4 and tensor.dtype in ("int4", "int8"):
+            kernels.setdefault(tensor.dtype, []).append(values.get(tensor.index))
+    return kernels
+
+
 def test_mse_weight_clipping_lowers_the_4bit_error_and_the_file_holds_16_levels(trained, digits):
     (x, _), (x_test, _) = digits
     errors = {}
@@ -159,21 +169,44 @@ def test_mse_weight_clipping_lowers_the_4bit_error_and_the_file_holds_16_levels(
     assert errors["mse"] < 0.95 * errors["max"]
     content = kerasq.export_tflite(qat)
     assert kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test).passed
-    conv_kernels = [t for t in read_graph(content).tensors if t.dtype == "int4" and len(t.shape) == 4]
-    assert len(conv_kernels) == 2  # both conv kernels, packed two weights a byte
+    kernels = _conv_kernels(content)["int8"]
+    assert len(kernels) == 2 and all(np.abs(k).max() <= 7 for k in kernels)  # 15 levels, stored as int8
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_low_bit_weights_export_at_the_floor(trained, digits, bits):
     (x, _), (x_test, _) = digits
     scheme = QuantizationScheme(weights=WeightQuantizer(bits=bits))
     qat = kerasq.quantize_model(trained, scheme, calibration_data=x[:256])
     content = kerasq.export_tflite(qat)
-    # 3-bit weights go through the 4-bit grid (see WeightQuantizer): without it the file was 22
-    # output steps from the model.
-    assert kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test).passed
-    dtypes = {t.dtype for t in read_graph(content).tensors}
-    assert ("int4" in dtypes) == (bits <= 4)
+    # b-bit weights are stored as int8 holding 2^b - 1 levels (see WeightQuantizer), which LiteRT's
+    # int8 kernels compute exactly: the file stays within a step of the model, where INT4 storage
+    # (packed_int4) lands 1-4 steps away on this model.
+    report = kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test)
+    assert report.passed and report.outputs[0].max_diff <= 1 + 1e-3, str(report)
+    kernels = _conv_kernels(content)
+    assert "int4" not in kernels
+    assert all(np.abs(k).max() <= 2 ** (bits - 1) - 1 for k in kernels["int8"])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_packed_int4_weights_halve_the_kernels(trained, digits, bits):
+    (x, _), (x_test, _) = digits
+    files = {}
+    for packed in (False, True):
+        scheme = QuantizationScheme(weights=WeightQuantizer(bits=bits, packed_int4=packed))
+        files[packed] = kerasq.export_tflite(kerasq.quantize_model(trained, scheme, calibration_data=x[:256]))
+    assert set(_conv_kernels(files[True])) == {"int4"}
+    # Two conv kernels of 144 and 288 weights a channel: 2,736 weights, a byte each in int8, half
+    # a byte in INT4; the rest of the file is the same.
+    assert len(files[False]) - len(files[True]) >= 1000
+    tflite = kerasq.TFLiteModel(files[True])
+    assert tflite.is_fully_integer and np.isfinite(tflite.predict(x_test)).all()
+
+
+def test_packed_int4_needs_four_bits_or_fewer():
+    with pytest.raises(ValueError, match="packed_int4 stores narrow-range weights of 2 to 4 bits"):
+        WeightQuantizer(bits=6, packed_int4=True)
 
 
 def test_layer_schemes_give_one_layer_4bit_weights(trained, digits):
@@ -183,8 +216,8 @@ def test_layer_schemes_give_one_layer_4bit_weights(trained, digits):
     assert qat.get_layer("quant_conv2").scheme.weights.bits == 4
     assert qat.get_layer("quant_logits").scheme.weights.bits == 8
     content = kerasq.export_tflite(qat)
-    kernels = {t.dtype for t in read_graph(content).tensors if len(t.shape) == 4 and t.dtype in ("int4", "int8")}
-    assert kernels == {"int4", "int8"}  # conv2's kernel packed at 4 bits, the first conv's at 8
+    levels = sorted(int(np.abs(k).max()) for k in _conv_kernels(content)["int8"])
+    assert levels == [7, 127]  # conv2's kernel at 4 bits, the first conv's at 8
     assert kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), x_test).passed
     with pytest.raises(ValueError, match="does not have: \\['conv9'\\]"):
         kerasq.quantize_model(trained, layer_schemes={"conv9": four_bits})

@@ -133,7 +133,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def __call__(self, inputs, *args, **kwargs):
         index = self._check_call_index(kwargs.get("call_index", 0))
         self._tell_producer_it_is_quantized_here(inputs, index)
-        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or self.handler.has_kernels:
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or self.handler.has_kernels or self.handler.simulated:
             # Pass-through and same-scale ops keep their input's quantization (and 16x8 kernels scale
             # by it): find whose it is. This runs whenever the model graph is built, by quantize_model
             # and by .keras loading alike.
@@ -207,8 +207,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         ranges = self._ranges[call_index]
         if self.handler.has_kernels:
             outputs = self._call_kernels(inputs, ranges, training)
-        elif self.handler.intermediate_ranges(self.layer):
-            simulation = handlers_lib.Simulation(self, ranges, training)
+        elif self.handler.intermediate_ranges(self.layer) or self.handler.simulated:
+            simulation = handlers_lib.Simulation(self, ranges, training, self._input_ranges[call_index])
             outputs = self.handler.run_simulated(self.layer, simulation, inputs, *args, **kwargs)
         else:
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
@@ -216,7 +216,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         rounds = self._policy == handlers_lib.SAME_SCALE and input_range is not None
         if rounds and not is_tracing_for_export():
             quantizer, state = input_range
-            outputs = quantizer.round_like_tflite(outputs, state)
+            outputs = self.handler.round_to_input_grid(self.layer, outputs, quantizer, state)
         output_quantizer = self._output_quantizers[call_index]
         if output_quantizer is not None:
             outputs = output_quantizer(outputs, ranges["output"], training=training, enabled=self.quantization_enabled)
@@ -276,14 +276,31 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 middle, kernels, "depthwise_kernel", self._input_ranges[index], middle_range
             )
             middle = self._quantize_activation(middle, ranges["depthwise"], training)
+            bias = self._bias_on_int32_grid(bias, kernels, "pointwise_kernel", middle_range)
             outputs = handler.pointwise(self.layer, middle, kernels, bias)
             return self._requantize_like_int16_kernels(
                 outputs, kernels, "pointwise_kernel", middle_range, self._kernel_output_range(index, ranges)
             )
+        bias = self._bias_on_int32_grid(bias, kernels, next(iter(kernels)), self._input_ranges[index])
         outputs = handler.linear(self.layer, inputs, kernels, bias)
         return self._requantize_like_int16_kernels(
             outputs, kernels, next(iter(kernels)), self._input_ranges[index], self._kernel_output_range(index, ranges)
         )
+
+    def _bias_on_int32_grid(self, bias, kernels, name, input_range):
+        """`bias` rounded as the file stores it: integers in steps of input scale x weight scale (per
+        output channel). Negligible with 8-bit weights; with 4 bits and fewer a weight step is 9-127
+        times coarser, and so is the bias's, by enough to move 1 output in 10 by a step. The gradient
+        passes straight through; the export trace leaves the rounding to the converter."""
+        if bias is None or input_range is None or not self.quantization_enabled or is_tracing_for_export():
+            return bias
+        axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
+        step = ops.stop_gradient(
+            requantization.activation_step(*input_range)
+            * requantization.kernel_steps(self.scheme.weights, kernels[name], axes[name])
+        )
+        rounded = ops.stop_gradient(ops.round(bias / step) * step)
+        return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
     def _requantize_like_int16_kernels(self, outputs, kernels, name, input_range, output_range):
         """`outputs` scaled by the error of the 15-bit multiplier LiteRT's 16x8 kernels requantize with
