@@ -37,12 +37,15 @@ from kerasq.export.int16x8 import make_runnable
 from kerasq.export.modes import INT16X8_MODES, MODES, check_io_types, configure, default_io_type, mode_text, resolve_mode
 from kerasq.export.quiet import quiet
 from kerasq.export.signature import input_names, output_names
+from kerasq.export.tensor_names import layer_scopes, short_names
 from kerasq.validation import input_specs, pack_inputs
 
 _TYPES = {"int8": "int8", "int16": "int16", "float32": "float32"}
 
 
-def export_tflite(model, path=None, *, mode=None, representative_data=None, input_type=None, output_type=None):
+def export_tflite(
+    model, path=None, *, mode=None, representative_data=None, input_type=None, output_type=None, tensor_names="layers"
+):
     """Converts a Keras model to .tflite, writes it to `path` (if given) and returns the bytes.
 
     Args:
@@ -69,6 +72,9 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
             files), `"int16"` (the default for 16x8 files), `"float32"` (the default for float files;
             a quantized file then quantizes/dequantizes at its edges). Numpy/TF dtypes are accepted
             too.
+        tensor_names: `"layers"` (the default) names each tensor after its Keras layer ("conv",
+            "conv/kernel"; inputs and outputs after their signature names); `"converter"` keeps the
+            TFLite converter's names, which list every TensorFlow op fused into a tensor (larger).
 
     Returns:
         The .tflite flatbuffer as `bytes`. Its inputs and outputs are in the order of
@@ -92,6 +98,8 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
     _check_model(model)
     if mode not in MODES:
         resolve_mode(mode, quantized=False, has_data=False)  # raises the ValueError before any tracing
+    if tensor_names not in ("layers", "converter"):
+        raise ValueError(f"tensor_names must be 'layers' or 'converter'; got {tensor_names!r}.")
     model = hooks.prepare(model)
     specs = input_specs(model)
     tf_names = input_names(model, specs)
@@ -116,6 +124,8 @@ def export_tflite(model, path=None, *, mode=None, representative_data=None, inpu
         content = reorder_io_by_name(content, tf_names, out_names)
     except KeyError as missing:
         raise ExportError(f"The converted file has no signature entry {missing}; cannot order its inputs/outputs.")
+    if tensor_names == "layers":
+        content = short_names(content, layer_scopes(model))
     if mode in ("qat", "ptq", *INT16X8_MODES):
         _warn_if_float_ops(content)
     if path is not None:

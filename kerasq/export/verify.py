@@ -310,8 +310,9 @@ def _op_counts(ops):
 def _layer_of(tensor_name, layer_names):
     """The name in `layer_names` of the layer whose ops made the file's tensor `tensor_name`, or None.
 
-    The converter names a tensor after the TensorFlow ops fused into it ("model/dense_1/MatMul;..."),
-    whose scopes are the layers' names, with a `_<n>` suffix TensorFlow adds to repeated scopes."""
+    Export names tensors after their layers ("dense", "dense/kernel", "dense_1" for a second tensor
+    of the same name); with `tensor_names="converter"`, after the TensorFlow ops fused into them
+    ("model/dense_1/MatMul;..."), whose scopes are the layers' names with a `_<n>` suffix."""
     names = set(layer_names)
     for part in re.split(r"[;/]", tensor_name):
         if part in names:
