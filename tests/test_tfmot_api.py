@@ -105,7 +105,7 @@ def train_export_verify(qat, digits):
 
 
 def custom_kernel(tflite):
-    [kernel] = [t for t in tflite.tensors if t.is_constant and "quant_custom" in t.name and len(t.shape) == 2]
+    [kernel] = [t for t in tflite.tensors if t.is_constant and "custom" in t.name and len(t.shape) == 2]
     return kernel
 
 
