@@ -4,7 +4,8 @@ The file holds, per attention layer: three FULLY_CONNECTED projections (query, k
 BATCH_MATMUL for the scores, a SOFTMAX (output scale 1/256, zero point -128), a BATCH_MATMUL for
 the context and a FULLY_CONNECTED output projection, with int8 tensors between them. The QAT model
 computes the same ops with the layer's own weights and rounds every one of those tensors to its own
-learned range. The 1/sqrt(key_dim) scaling is folded into the query projection (weights and bias),
+learned range; at inference the BATCH_MATMULs scale their integer sums to the output as LiteRT's
+kernel does (`fixed_point.multiply_by_quantized_multiplier`), rounding twice. The 1/sqrt(key_dim) scaling is folded into the query projection (weights and bias),
 so no separate op rounds in between: in float it is the same product.
 
 Attention with masks (`attention_mask`, `use_causal_mask`, Keras masks), scores returned, custom
@@ -22,6 +23,7 @@ Example:
 
 from keras import layers, ops
 
+from kerasq.quantization.fixed_point import multiply_by_quantized_multiplier
 from kerasq.quantization.handlers import QUANTIZE, UNIT_RANGE, LayerHandler, register_handler
 
 _RANGES = ("query", "key", "value", "scores", "context")
@@ -52,10 +54,11 @@ class MultiHeadAttentionHandler(LayerHandler):
         q = ops.transpose(q, (0, 2, 1, 3))  # (batch, heads, target, key_dim)
         k = ops.transpose(k, (0, 2, 3, 1))  # (batch, heads, key_dim, source)
         v = ops.transpose(v, (0, 2, 1, 3))  # (batch, heads, source, value_dim)
-        scores = simulation.activation("scores", ops.matmul(q, k))
+        scores = simulation.activation("scores", _batch_matmul(simulation, q, "query", k, "key", "scores"))
         probabilities = simulation.fixed(ops.softmax(scores, axis=-1), UNIT_RANGE)
         probabilities = layer._dropout_layer(probabilities, training=training)
-        context = simulation.activation("context", ops.matmul(probabilities, v))
+        context = _batch_matmul(simulation, probabilities, UNIT_RANGE, v, "value", "context")
+        context = simulation.activation("context", context)
         context = ops.transpose(context, (0, 2, 1, 3))  # (batch, target, heads, value_dim)
         context = ops.reshape(context, (-1, context.shape[1], context.shape[2] * context.shape[3]))
         return _projection(layer._output_dense, context, simulation)
@@ -69,6 +72,28 @@ def _simulated(layer):
     return built and tuple(axes or (1,)) == (1,) and layer._query_dense.equation == "abc,cde->abde" and (
         layer._output_dense.equation == "abcd,cde->abe"
     )
+
+
+def _batch_matmul(simulation, a, a_range, b, b_range, out_range):
+    """`a @ b` as int8 BATCH_MATMUL computes it at inference: the integer sum of the int8 operands
+    (exact in float32 below 2^24), scaled to the output's step by LiteRT's fixed-point multiplier.
+    Ranges are names of learned ones or a fixed range. Training, where the softmax output is not
+    rounded (see `ActivationQuantizer`), and the export trace keep the float product."""
+    product = ops.matmul(a, b)
+    if simulation.training or not simulation.mirrors_int8_kernels:
+        return product
+    a_step, b_step, out_step = (_step(simulation, r) for r in (a_range, b_range, out_range))
+    integers = ops.matmul(ops.round(a / a_step), ops.round(b / b_step))
+    # As TFLite computes it: the input scales' product in float32, divided in float64.
+    multiplier = ops.cast(a_step * b_step, "float64") / ops.cast(out_step, "float64")
+    return ops.cast(multiply_by_quantized_multiplier(integers, multiplier), "float32") * out_step
+
+
+def _step(simulation, named_or_fixed):
+    if isinstance(named_or_fixed, str):
+        return simulation.step(named_or_fixed)
+    low, high = named_or_fixed
+    return ops.convert_to_tensor((high - low) / 255.0, "float32")
 
 
 def _projection(dense, x, simulation, scale=None):

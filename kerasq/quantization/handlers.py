@@ -22,7 +22,7 @@ from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
 from kerasq.quantization import requantization, xnnpack
-from kerasq.quantization.quantizers import is_tracing_for_export
+from kerasq.quantization.quantizers import is_calibrating, is_tracing_for_export
 
 QUANTIZE = "quantize"
 PASS_THROUGH = "pass_through"
@@ -149,9 +149,21 @@ class Simulation:
     def bits(self):
         return self._wrapper.scheme.activations.bits
 
+    @property
+    def mirrors_int8_kernels(self):
+        """True where the handler computes an op's int8 arithmetic from its ranges' steps: int8
+        and quantizing, neither calibrating (the ranges are not known yet) nor tracing for export
+        (the file's kernel does it)."""
+        return self.enabled and self.bits == 8 and not (is_calibrating() or is_tracing_for_export())
+
     def step(self, name):
-        """The scale of the learned range `name`, as the file holds it."""
-        return requantization.activation_step(self._wrapper.scheme.activations, self._ranges[name])
+        """The scale of the learned range `name`, as the file holds it: the converter divides in
+        float64, which is 1 ulp off TensorFlow's float32 scale for one range in ten or so."""
+        quantizer = self._wrapper.scheme.activations
+        low, high = (ops.cast(bound, "float64") for bound in quantizer.range(self._ranges[name]))
+        steps = 2.0**quantizer.bits - 1.0 - (1.0 if quantizer.symmetric else 0.0)
+        # divide_no_nan: Grappler would multiply by the constant's reciprocal, which rounds differently.
+        return ops.cast(ops.divide_no_nan(high - low, ops.cast(steps, "float64")), "float32")
 
     @property
     def input_step(self):

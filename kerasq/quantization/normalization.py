@@ -18,9 +18,8 @@ Example:
 
 from keras import layers, ops
 
-from kerasq.quantization.fixed_point import RSQRT_TABLE
+from kerasq.quantization.fixed_point import RSQRT_TABLE, multiply_by_quantized_multiplier
 from kerasq.quantization.handlers import QUANTIZE, LayerHandler, register_handler
-from kerasq.quantization.quantizers import is_tracing_for_export
 
 _RANGES = ("mean", "centered", "squares", "variance", "variance_epsilon", "inverse_deviation", "normalized", "scaled")
 
@@ -59,11 +58,15 @@ def _rsqrt(variance, simulation):
         # its largest value) whose gradient would be NaN.
         variance = ops.maximum(variance, 1e-12)
     plain = ops.rsqrt(variance)
-    if is_tracing_for_export() or not simulation.enabled or simulation.bits != 8:
+    if not simulation.mirrors_int8_kernels:
         return plain
-    step = simulation.step("variance_epsilon")
+    step, out_step = simulation.step("variance_epsilon"), simulation.step("inverse_deviation")
     value = ops.cast(ops.clip(ops.round(variance / step), 0, 255), "int32")
-    mirrored = ops.take(RSQRT_TABLE, value) * ops.rsqrt(step)
+    # 2^20 / sqrt(value) as an integer, scaled to the output by 2^-20 / (sqrt(step) x out_step),
+    # whose denominator the kernel computes in float32.
+    multiplier = 2.0**-20 / ops.cast(ops.sqrt(step) * out_step, "float64")
+    levels = multiply_by_quantized_multiplier(ops.take(RSQRT_TABLE, value) * 2.0**20, multiplier)
+    mirrored = ops.cast(levels, "float32") * out_step
     return plain + ops.stop_gradient(mirrored - plain) if simulation.training else mirrored
 
 

@@ -32,6 +32,11 @@ WEIGHT_ESTIMATORS = ("max", "mse")
 # close to 1, at 2-4 bits often 0.4-0.8.
 _MSE_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
 
+# XNNPACK rejects a convolution whose input scale x weight scale / output scale is 256 or more; for a
+# dead ReLU after a convolution with weights up to 50 and an input range up to 6, this keeps it
+# below. Only activations whose whole range is under 0.01 are coarsened by it.
+_MIN_RANGE_WIDTH = 1e-2
+
 _CALIBRATING = contextvars.ContextVar("kerasq_calibrating", default=False)
 _CLIPPING = contextvars.ContextVar("kerasq_clipping", default=None)
 _TRACING_FOR_EXPORT = contextvars.ContextVar("kerasq_tracing_for_export", default=False)
@@ -53,6 +58,11 @@ def tracing_for_export():
 def is_tracing_for_export():
     """True inside `tracing_for_export()`."""
     return _TRACING_FOR_EXPORT.get()
+
+
+def is_calibrating():
+    """True inside `calibrating()`."""
+    return _CALIBRATING.get()
 
 
 @contextlib.contextmanager
@@ -374,11 +384,13 @@ class ActivationQuantizer(_Configurable):
         """The (min, max) the next inference call quantizes with, 0 included."""
         low = ops.minimum(ops.convert_to_tensor(state["min"]), 0.0)
         high = ops.maximum(ops.convert_to_tensor(state["max"]), 0.0)
+        # A range at least _MIN_RANGE_WIDTH wide: an all-zero activation (a dead ReLU) would give a
+        # scale so small that LiteRT cannot requantize into it and refuses to load the file.
         if self.symmetric:
-            high = ops.maximum(-low, high)
+            high = ops.maximum(ops.maximum(-low, high), _MIN_RANGE_WIDTH / 2)
             low = -high
-        # An all-zero tensor would give an empty range and a zero scale.
-        high = ops.maximum(high, low + 1e-6)
+        else:
+            high = ops.maximum(high, low + _MIN_RANGE_WIDTH)
         if self.learn_range and self.fixed_range is None:
             frozen = ops.less(ops.convert_to_tensor(state["seen"]), 0.0)
             low = ops.where(frozen, ops.stop_gradient(low), low)
