@@ -347,6 +347,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """
         bn = self.batchnorm
         gamma, beta = batchnorm_affine(bn)
+        layer_bias = bias
         bias = bias if bias is not None else ops.zeros(bn.moving_mean.shape)
         scale, folded_bias = batchnorm_fold(bn, bias)
         folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
@@ -354,7 +355,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if not training or not bn.trainable or freeze is True or freeze == "auto" or self.batchnorm_frozen:
             return self._linear(inputs, folded, folded_bias, ranges, training)
         linear = self._linear(inputs, folded, None, ranges, training)
-        unfolded = linear / scale + bias
+        unfolded = linear * (1.0 / scale)
+        if layer_bias is not None:  # (a constant per channel: it only moves the mean)
+            unfolded = unfolded + layer_bias
         reduce_axes = tuple(range(len(unfolded.shape) - 1))
         # As float BatchNormalization(synchronized=True) does: statistics of the global batch, so the
         # moving statistics agree across replicas (otherwise each replica's copy follows its own).
