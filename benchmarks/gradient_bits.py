@@ -14,7 +14,6 @@ The plot needs matplotlib (`pip install -e ".[benchmarks]"`); without it only th
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import kerasq
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
 
+import machine  # benchmarks/machine.py
 from plotting import pyplot  # benchmarks/plotting.py
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -65,21 +65,6 @@ def run(seeds, bits_list, nearest_bits, epochs, log=print):
     return results
 
 
-def machine():
-    import tensorflow as tf
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}, kerasq {kerasq.__version__}"
-    )
-
-
 def table(results, seeds, epochs, command):
     float_name = row_name(FLOAT_BITS, True)
     float_mean = statistics.mean(acc for acc, _ in results[float_name]) if float_name in results else None
@@ -87,7 +72,7 @@ def table(results, seeds, epochs, command):
         "# Gradient quantization: accuracy against gradient bits",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()}",
+        f"Machine: {machine.describe()}",
         "",
         f"Digits CNN (`kerasq.demo.build_model`), Adam {LEARNING_RATE}, batch {BATCH_SIZE}, {epochs} epochs from "
         f"the same initial weights at every width; {len(seeds)} seeds ({', '.join(map(str, seeds))}). Gradients "

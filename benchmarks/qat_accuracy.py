@@ -20,7 +20,6 @@ of each file: the argmax agreement between LiteRT's kernel paths (`verify_tflite
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 TARGET_POINTS = 0.5  # QAT int8 within this many points of float (mean over seeds)
 UNSTABLE_POINTS = 1.0  # float accuracy spread over seeds above this: float itself is unstable
@@ -205,30 +206,6 @@ def summarize(name, runs):
     return row, lines, ge_ptq and near_float and fragility_ok
 
 
-def machine():
-    import ai_edge_litert
-    import keras
-    import tensorflow as tf
-
-    import kerasq
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    litert = getattr(ai_edge_litert, "__version__", None)
-    if litert is None:
-        from importlib.metadata import version
-
-        litert = version("ai-edge-litert")
-    return (
-        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-        f"Keras {keras.__version__}, ai-edge-litert {litert}, kerasq {kerasq.__version__}"
-    )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
@@ -269,7 +246,7 @@ def main(argv=None):
             "",
             f"Command: `{command.strip()}`  ",
             f"Seeds: {', '.join(map(str, seeds))}  ",
-            f"Machine: {machine()}",
+            f"Machine: {machine.describe()}",
             "",
             "Accuracy in % on the held-out digits: mean ± half the spread (max - min) over the seeds. "
             "Float: the Keras model; PTQ, QAT: the int8 file run by LiteRT. Kernel-path agreement: the "

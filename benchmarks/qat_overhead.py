@@ -16,17 +16,17 @@ not times, are the figures to compare across machines.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import keras
-import tensorflow as tf
 
 import kerasq
 from kerasq.demo import build_model as demo_cnn
+
+import machine  # benchmarks/machine.py
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "qat_overhead.md")
 SPEED_TARGET = 1.2
@@ -174,8 +174,7 @@ def report(speed, memory, args):
         "# QAT training overhead",
         "",
         f"`python benchmarks/qat_overhead.py --repeats {args.repeats}{' --jit' if args.jit else ''}"
-        f"{' --memory' if args.memory else ''}`; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; TensorFlow {tf.__version__}, Keras {keras.__version__}.",
+        f"{' --memory' if args.memory else ''}`; {machine.describe()}.",
         "",
         f"Targets: QAT epoch ≤ {SPEED_TARGET}x float, QAT predict ≤ 1.0x float (within noise), "
         f"peak memory ≤ {MEMORY_TARGET}x float.",
