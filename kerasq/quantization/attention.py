@@ -25,6 +25,7 @@ from keras import layers, ops
 
 from kerasq.quantization.fixed_point import multiply_by_quantized_multiplier
 from kerasq.quantization.handlers import QUANTIZE, UNIT_RANGE, LayerHandler, register_handler
+from kerasq.quantization.quantizers import is_tracing_for_export
 
 _RANGES = ("query", "key", "value", "scores", "context")
 
@@ -48,18 +49,13 @@ class MultiHeadAttentionHandler(LayerHandler):
         q = _projection(layer._query_dense, query, simulation, scale)
         k = _projection(layer._key_dense, key, simulation)
         v = _projection(layer._value_dense, value, simulation)
-        q = simulation.activation("query", q)
-        k = simulation.activation("key", k)
-        v = simulation.activation("value", v)
-        q = ops.transpose(q, (0, 2, 1, 3))  # (batch, heads, target, key_dim)
-        k = ops.transpose(k, (0, 2, 3, 1))  # (batch, heads, key_dim, source)
-        v = ops.transpose(v, (0, 2, 1, 3))  # (batch, heads, source, value_dim)
-        scores = simulation.activation("scores", _batch_matmul(simulation, q, "query", k, "key", "scores"))
+        q = simulation.activation("query", q)  # (batch, target, heads, key_dim)
+        k = simulation.activation("key", k)  # (batch, source, heads, key_dim)
+        v = simulation.activation("value", v)  # (batch, source, heads, value_dim)
+        scores = _batch_matmul(simulation, _SCORES, q, "query", k, "key", "scores")
         probabilities = simulation.fixed(ops.softmax(scores, axis=-1), UNIT_RANGE)
         probabilities = layer._dropout_layer(probabilities, training=training)
-        context = _batch_matmul(simulation, probabilities, UNIT_RANGE, v, "value", "context")
-        context = simulation.activation("context", context)
-        context = ops.transpose(context, (0, 2, 1, 3))  # (batch, target, heads, value_dim)
+        context = _batch_matmul(simulation, _CONTEXT, probabilities, UNIT_RANGE, v, "value", "context")
         context = ops.reshape(context, (-1, context.shape[1], context.shape[2] * context.shape[3]))
         return _projection(layer._output_dense, context, simulation)
 
@@ -74,19 +70,31 @@ def _simulated(layer):
     )
 
 
-def _batch_matmul(simulation, a, a_range, b, b_range, out_range):
-    """`a @ b` as int8 BATCH_MATMUL computes it at inference: the integer sum of the int8 operands
-    (exact in float32 below 2^24), scaled to the output's step by LiteRT's fixed-point multiplier.
-    Ranges are names of learned ones or a fixed range. Training, where the softmax output is not
-    rounded (see `ActivationQuantizer`), and the export trace keep the float product."""
-    product = ops.matmul(a, b)
-    if simulation.training or not simulation.mirrors_int8_kernels:
-        return product
-    a_step, b_step, out_step = (_step(simulation, r) for r in (a_range, b_range, out_range))
-    integers = ops.matmul(ops.round(a / a_step), ops.round(b / b_step))
-    # As TFLite computes it: the input scales' product in float32, divided in float64.
-    multiplier = ops.cast(a_step * b_step, "float64") / ops.cast(out_step, "float64")
-    return ops.cast(multiply_by_quantized_multiplier(integers, multiplier), "float32") * out_step
+_SCORES = "abhd,achd->ahbc"  # (batch, heads, target, source)
+_CONTEXT = "ahbc,achd->abhd"  # (batch, target, heads, value_dim)
+
+
+def _batch_matmul(simulation, equation, a, a_range, b, b_range, out_range):
+    """`einsum(equation, a, b)` rounded to `out_range`, as int8 BATCH_MATMUL computes it at
+    inference: the integer sum of the int8 operands (exact in float32 below 2^24), scaled to the
+    output's step by LiteRT's fixed-point multiplier. Ranges are names of learned ones or a fixed
+    range. Training, where the softmax output is not rounded (see `ActivationQuantizer`), keeps the
+    float product. One einsum costs less than the transposes the export trace puts around a matmul
+    for the converter."""
+    if is_tracing_for_export():
+        if equation == _SCORES:
+            product = ops.matmul(ops.transpose(a, (0, 2, 1, 3)), ops.transpose(b, (0, 2, 3, 1)))
+            return simulation.activation(out_range, product)
+        product = simulation.activation(out_range, ops.matmul(a, ops.transpose(b, (0, 2, 1, 3))))
+        return ops.transpose(product, (0, 2, 1, 3))
+    product = ops.einsum(equation, a, b)
+    if not simulation.training and simulation.mirrors_int8_kernels:
+        a_step, b_step, out_step = (_step(simulation, r) for r in (a_range, b_range, out_range))
+        integers = ops.einsum(equation, ops.round(a / a_step), ops.round(b / b_step))
+        # As TFLite computes it: the input scales' product in float32, divided in float64.
+        multiplier = ops.cast(a_step * b_step, "float64") / ops.cast(out_step, "float64")
+        product = ops.cast(multiply_by_quantized_multiplier(integers, multiplier), "float32") * out_step
+    return simulation.activation(out_range, product)
 
 
 def _step(simulation, named_or_fixed):

@@ -348,11 +348,12 @@ class ActivationQuantizer(_Configurable):
         elif _CALIBRATING.get():
             self._calibrate(ops.stop_gradient(x), state)
             return x
-        elif training:
-            self._observe(ops.stop_gradient(x), state)
+        observed = None
+        if training:
+            observed = self._observe(ops.stop_gradient(x), state)
         if not enabled:
             return x
-        low, high = self.range(state)
+        low, high = self.range(state, observed)
         recorded = _CLIPPING.get()
         if recorded is not None and not training:
             outside = ops.logical_or(ops.less(x, low), ops.greater(x, high))
@@ -380,10 +381,13 @@ class ActivationQuantizer(_Configurable):
         snapped = (rounded + offset - zero_point) * scale
         return x + ops.stop_gradient(snapped - x)
 
-    def range(self, state):
-        """The (min, max) the next inference call quantizes with, 0 included."""
-        low = ops.minimum(ops.convert_to_tensor(state["min"]), 0.0)
-        high = ops.maximum(ops.convert_to_tensor(state["max"]), 0.0)
+    def range(self, state, observed=None):
+        """The (min, max) the next inference call quantizes with, 0 included. `observed`: the
+        `(min, max)` a training call just assigned to `state`, so as not to read them again."""
+        if observed is None or self.learn_range:  # a learned range takes its gradient from the variables
+            observed = (state["min"], state["max"])
+        low = ops.minimum(ops.convert_to_tensor(observed[0]), 0.0)
+        high = ops.maximum(ops.convert_to_tensor(observed[1]), 0.0)
         # A range at least _MIN_RANGE_WIDTH wide: an all-zero activation (a dead ReLU) would give a
         # scale so small that LiteRT cannot requantize into it and refuses to load the file.
         if self.symmetric:
@@ -400,7 +404,9 @@ class ActivationQuantizer(_Configurable):
     # ---- estimating the range -------------------------------------------------------------------
     def batch_range(self, x):
         """This estimator's `(min, max)` for one batch of values, 0 included."""
-        x = ops.reshape(ops.cast(x, "float32"), (-1,))
+        x = ops.cast(x, "float32")
+        if self.estimator in ("percentile", "mse"):
+            x = ops.reshape(x, (-1,))
         if self.estimator == "percentile":
             fraction = self.percentile / 100.0
             low, high = ops.quantile(x, 1.0 - fraction), ops.quantile(x, fraction)
@@ -433,27 +439,29 @@ class ActivationQuantizer(_Configurable):
 
     def _observe(self, x, state):
         """One training batch: the moving average (or running extremes) of the batch estimates.
-        A frozen range (`seen` < 0) stays; a learned one is only initialized."""
+        A frozen range (`seen` < 0) stays; a learned one is only initialized. Returns the new
+        `(min, max)`."""
         batch_min, batch_max = self.batch_range(x)
-        # Tensors, not the variables: JAX's ops take no Variable objects.
-        old_min, old_max, seen = (ops.convert_to_tensor(state[key]) for key in ("min", "max", "seen"))
+        # Tensors, not the variables (JAX's ops take no Variable objects), each read once: every op
+        # given a TensorFlow variable reads it again.
+        old_min, old_max, seen = (ops.copy(state[key]) for key in ("min", "max", "seen"))
         first = ops.equal(seen, 0.0)
-        frozen = ops.less(seen, 0.0)
+        keep = frozen = ops.less(seen, 0.0)
         if self.learn_range:
             new_min, new_max = batch_min, batch_max
-            update = first
+            keep = ops.logical_not(first)
         elif self.estimator == "minmax":
             new_min = ops.where(first, batch_min, ops.minimum(old_min, batch_min))
             new_max = ops.where(first, batch_max, ops.maximum(old_max, batch_max))
-            update = ops.logical_not(frozen)
         else:
             decay = self.ema_decay
             new_min = ops.where(first, batch_min, decay * old_min + (1.0 - decay) * batch_min)
             new_max = ops.where(first, batch_max, decay * old_max + (1.0 - decay) * batch_max)
-            update = ops.logical_not(frozen)
-        state["min"].assign(ops.where(update, new_min, old_min))
-        state["max"].assign(ops.where(update, new_max, old_max))
+        new_min, new_max = ops.where(keep, old_min, new_min), ops.where(keep, old_max, new_max)
+        state["min"].assign(new_min)
+        state["max"].assign(new_max)
         state["seen"].assign(ops.where(frozen, seen, ops.minimum(seen + 1.0, 1e9)))
+        return new_min, new_max
 
     def _calibrate(self, x, state):
         """One calibration batch: the running mean of the batch estimates (extremes for "minmax")."""
