@@ -36,7 +36,6 @@ import dataclasses
 import gzip
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,9 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, when loaded by path
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BATCH_SIZE = 32
@@ -524,39 +526,6 @@ def targets(s):
     return misses
 
 
-def machine():
-    """CPU model and cores; TensorFlow, Keras, LiteRT, tfmot versions; kerasq's git revision."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import keras
-    import tensorflow as tf
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def installed(package):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "kerasq"], cwd=root, capture_output=True, text=True).stdout
-        rev = (rev or "unknown") + (" with uncommitted changes in kerasq/" if dirty.strip() else "")
-    except OSError:
-        rev = "unknown"
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, TensorFlow {tf.__version__}, "
-            f"Keras {keras.__version__}, ai-edge-litert {installed('ai-edge-litert')}, "
-            f"tensorflow-model-optimization {installed('tensorflow-model-optimization')}, tf_keras "
-            f"{installed('tf_keras')}, kerasq git {rev}")
-
-
 def report(summaries, not_yet, command, seeds, minutes):
     """The markdown text and the list of missed targets."""
     kb = lambda n: f"{n / 1024:.1f}"  # noqa: E731
@@ -564,7 +533,7 @@ def report(summaries, not_yet, command, seeds, minutes):
         "# kerasq vs TFLite post-training int8 vs tfmot QAT",
         "",
         f"Command: `{command}` ({minutes:.0f} min)  ",
-        f"Machine: {machine()}  ",
+        f"Machine: {machine.describe(('tensorflow-model-optimization', 'tf_keras'))}  ",
         f"Seeds: {', '.join(map(str, seeds))}",
         "",
         "Digits test set (450 images). Float: the Keras 3 model; PTQ int8: that model through TFLite's converter "
@@ -655,7 +624,6 @@ def report(summaries, not_yet, command, seeds, minutes):
 
 def plot(summaries, output_dir):
     """compare.png (accuracy) and compare_cost.png (step ratio, export time, size, latency); the paths."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from plotting import pyplot  # benchmarks/plotting.py
 
     plt = pyplot()
