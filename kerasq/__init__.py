@@ -11,7 +11,7 @@ if _sys.argv[:1] == ["-m"] and getattr(_sys, "orig_argv", [])[1:3] == ["-m", "ke
     if not _command.wants_logging(_sys.orig_argv[2:]):
         _command.silence_tensorflow()
 
-from kerasq import clustering, data, distillation, export, graph, pruning, quantization, quantizers, transfer
+from kerasq import clustering, data, distillation, experimental, export, graph, pruning, quantization, quantizers, transfer
 from kerasq.clustering import (
     CentroidInitialization,
     ClusterableLayer,
@@ -53,6 +53,9 @@ from kerasq.quantization import (
     QuantizationScheme,
     Quantize,
     QuantizeAnnotate,
+    Default8BitClusterPreserveQuantizeScheme,
+    Default8BitPrunePreserveQuantizeScheme,
+    Default8BitQuantizeScheme,
     QuantizeConfig,
     QuantizeWrapper,
     WeightQuantizer,

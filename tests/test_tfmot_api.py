@@ -200,3 +200,55 @@ def test_keras_file_round_trip_with_a_custom_config(digits, tmp_path):
     reloaded = keras.saving.load_model(tmp_path / "qat.keras")
     assert reloaded.get_layer("quant_custom").scheme.weights.bits == 4
     np.testing.assert_array_equal(reloaded.predict(x[:50], verbose=0), qat.predict(x[:50], verbose=0))
+
+
+def _small_cnn():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10, name="logits"),
+    ])
+
+
+def test_prune_preserve_scheme_keeps_the_zeros(digits):
+    (x, y), (x_test, _) = digits
+    model = _small_cnn()
+    for layer in (model.get_layer("conv"), model.get_layer("logits")):  # a stripped pruned model
+        kernel = keras.ops.convert_to_numpy(layer.kernel)
+        layer.kernel.assign(np.where(np.abs(kernel) < np.median(np.abs(kernel)), 0.0, kernel))
+    annotated = kerasq.quantize_annotate_model(model)
+    qat = kerasq.quantize_apply(annotated, kerasq.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x, y, epochs=1, verbose=0)
+    for name in ("conv", "logits"):
+        before = keras.ops.convert_to_numpy(model.get_layer(name).kernel) == 0
+        after = keras.ops.convert_to_numpy(qat.get_layer(f"quant_{name}").layer.kernel) == 0
+        assert after[before].all() and before.mean() >= 0.45
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert kerasq.verify_tflite(qat, tflite, x_test).passed
+
+
+def test_cluster_preserve_scheme_keeps_the_clusters(digits):
+    (x, y), (x_test, _) = digits
+    model = _small_cnn()
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clustered = kerasq.cluster_weights(model, number_of_clusters=4)
+    clustered.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    clustered.fit(x, y, epochs=1, verbose=0)
+    stripped = kerasq.strip_clustering(clustered)
+    scheme = kerasq.experimental.combine.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True)
+    qat = kerasq.quantize_apply(kerasq.quantize_annotate_model(stripped), scheme)
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x, y, epochs=1, verbose=0)
+    for name in ("conv", "logits"):
+        assert len(np.unique(keras.ops.convert_to_numpy(qat.get_layer(f"quant_{name}").layer.kernel))) <= 4
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert kerasq.verify_tflite(qat, tflite, x_test).passed
+
+
+def test_default_scheme_is_int8():
+    model = _small_cnn()
+    qat = kerasq.quantize_apply(kerasq.quantize_annotate_model(model), kerasq.Default8BitQuantizeScheme())
+    assert qat.get_layer("quant_conv").scheme == kerasq.quantize_model(model).get_layer("quant_conv").scheme

@@ -24,6 +24,11 @@ from kerasq.quantization.quantize import (
 )
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
 from kerasq.quantization.tfmot_compat import QuantizeConfig
+from kerasq.quantization.combine import (
+    Default8BitClusterPreserveQuantizeScheme,
+    Default8BitPrunePreserveQuantizeScheme,
+    Default8BitQuantizeScheme,
+)
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 from kerasq.quantization import export_hook  # noqa: F401  (registers quantized models with export)
 from kerasq.quantization import attention, normalization  # noqa: F401  (register their handlers)

@@ -5,7 +5,7 @@ import numpy as np
 
 from kerasq import _keras_private
 from kerasq.constraints import KeepZeros
-from kerasq.graph import LayerGraph, Rewrite, rules, tracing, wrappers
+from kerasq.graph import LayerGraph, Rewrite, all_layers, rules, tracing, wrappers
 from kerasq.graph.reader import layer_config
 from kerasq.graph.selection import layer_predicate
 from kerasq.quantization import handlers as handlers_lib
@@ -13,7 +13,7 @@ from kerasq.quantization.affine import affine_as_batchnorm, is_affine_preprocess
 from kerasq.quantization.calibrate import calibrate_ranges
 from kerasq.quantization.layers import Quantize, QuantizeWrapper, batchnorm_fold, quantized_layers
 from kerasq.quantization.quantizers import ActivationQuantizer, WeightQuantizer
-from kerasq.quantization import tfmot_compat
+from kerasq.quantization import combine, tfmot_compat
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 from kerasq.quantization.tfmot_compat import QuantizeConfig
 
@@ -136,8 +136,25 @@ def quantize_apply(model, scheme="int8", quantized_layer_name_prefix="quant_", c
     >>> [type(layer).__name__ for layer in kerasq.quantize_apply(model).layers]
     ['InputLayer', 'Quantize', 'QuantizeWrapper', 'Dense']
     """
-    quantized = _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True,
-                          name_prefix=quantized_layer_name_prefix)
+    if isinstance(scheme, combine.Default8BitQuantizeScheme):
+        if scheme.preserve_clusters:
+            from kerasq.clustering import quantize_preserving_clusters  # clustering builds on this module
+
+            if quantized_layer_name_prefix != "quant_":
+                raise ValueError("quantized_layer_name_prefix cannot be combined with preserve_clusters yet.")
+            annotated = {wrappers.unwrap(layer).name for layer in all_layers(model) if isinstance(layer, QuantizeAnnotate)}
+            plain = Rewrite(
+                model, lambda layer, rewrite: wrappers.strip(layer, rewrite) if isinstance(layer, QuantizeAnnotate) else None,
+                inline=False,
+            ).run()
+            quantized = quantize_preserving_clusters(plain, skip=lambda layer: wrappers.unwrap(layer).name not in annotated)
+        else:
+            quantized = quantize_apply(model, "int8", quantized_layer_name_prefix)
+            if scheme.preserve_sparsity:
+                _keep_zeros(quantized)
+    else:
+        quantized = _quantize(model, get_scheme(scheme), lambda layer: False, annotated_only=True,
+                              name_prefix=quantized_layer_name_prefix)
     if calibration_data is not None:
         calibrate_ranges(quantized, calibration_data)
     return quantized
