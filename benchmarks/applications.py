@@ -9,12 +9,14 @@ model against the kernel-path floor, and its accuracy.
     python benchmarks/applications.py [--models MobileNetV3Small MobileNetV3Large EfficientNetB0]
         [--epochs 12] [--qat-epochs 2] [--seed 0]
 
-Writes benchmarks/results/applications.md.
+Writes benchmarks/results/applications.md; rows of models not run this time are kept from the file
+there, with the commands that measured them.
 """
 
 import argparse
 import os
 import platform
+import re
 import time
 
 import keras
@@ -87,13 +89,17 @@ def main(argv=None):
     for name in args.models:
         rows[name] = run(name, args, data)
         print(name, rows[name], flush=True)
+    path = os.path.join(args.output_dir, "applications.md")
+    commands, kept = _earlier_rows(path, args.models)
+    commands.append(
+        f"`python benchmarks/applications.py --models {' '.join(args.models)} --epochs {args.epochs} "
+        f"--qat-epochs {args.qat_epochs} --seed {args.seed}`; {platform.machine()}, {os.cpu_count()} cores; "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {(time.time() - start) / 60:.0f} min."
+    )
     lines = [
         "# keras.applications with built-in preprocessing: QAT to int8 files",
         "",
-        f"`python benchmarks/applications.py --models {' '.join(args.models)} --epochs {args.epochs} "
-        f"--qat-epochs {args.qat_epochs} --seed {args.seed}`; {platform.machine()}, {os.cpu_count()} cores; "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {(time.time() - start) / 60:.0f} min.",
-        "",
+        *(line for command in commands for line in (command, "")),
         "Digits at 32x32, grey repeated to RGB, pixel values 0-255 (the models' own Rescaling/Normalization "
         "layers scale them). Float tensors: between the file's inputs and outputs. Steps: the largest output "
         "difference between the QAT model and its file; floor: between LiteRT's kernel paths.",
@@ -101,17 +107,39 @@ def main(argv=None):
         "| model | float | post-training int8 | QAT int8 | fully integer | float tensors (PTQ) | steps (floor) | parity |",
         "|---|---:|---:|---:|---|---:|---:|---|",
     ]
+    measured = {}
     for name, r in rows.items():
-        lines.append(
+        measured[name] = (
             f"| {name} | {r['float']:.2%} | {r['ptq']:.2%} | {r['qat']:.2%} | {'yes' if r['integer'] else 'no'} | "
             f"{r['float_tensors']} ({r['ptq_float_tensors']}) | {r['steps']:.0f} ({r['floor']:.0f}) | "
             f"{'PASS' if r['passed'] else 'FAIL'} |"
         )
+    lines += [measured.get(name) or kept[name] for name in BUILDERS if name in measured or name in kept]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "applications.md"), "w") as f:
+    with open(path, "w") as f:
         f.write(text)
+
+
+def _earlier_rows(path, models):
+    """The command lines and table rows already in `path` for models other than `models`: a run of
+    some models adds or replaces their rows and keeps the others'."""
+    if not os.path.exists(path):
+        return [], {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    rows = {}
+    for line in lines:
+        match = re.match(r"\| (\w+) \|", line)
+        if match and match.group(1) in BUILDERS and match.group(1) not in models:
+            rows[match.group(1)] = line
+    commands = []
+    for line in lines:
+        match = re.match(r"`python benchmarks/applications.py --models ([\w ]+?) --", line)
+        if match and set(match.group(1).split()) & set(rows):
+            commands.append(line)
+    return commands, rows
 
 
 if __name__ == "__main__":
