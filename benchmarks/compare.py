@@ -5,16 +5,19 @@ For each model of a small zoo on the scikit-learn digits (nothing is downloaded)
 1. train the float Keras 3 model (Adam with cosine decay, batch 32) and export it as a float32 file and
    as a post-training int8 file (PTQ: TFLite's converter with a representative dataset of 200
    training images, through `kerasq.export_tflite(model, representative_data=...)`);
-2. kerasq QAT: `kerasq.quantize_model`, fine-tune, `kerasq.export_tflite`; parity with the file by
-   `kerasq.verify_tflite`;
+2. kerasq QAT: `kerasq.quantize_model` with the same 200 images as `calibration_data` (so its QAT
+   starts where PTQ ends, as the README recommends), a fine-tune (Adam with cosine decay from the
+   recipe's QAT learning rate), `kerasq.export_tflite`; parity with the file by `kerasq.verify_tflite`;
 3. tfmot QAT, in its own process under legacy Keras 2 (`TF_USE_LEGACY_KERAS=1`, `tf_keras`): the same
    architecture built with `tf_keras`, given the same float weights, then
-   `tfmot.quantization.keras.quantize_model`, the same fine-tuning, and `tf.lite.TFLiteConverter` with
+   `tfmot.quantization.keras.quantize_model` (tfmot has no calibration), the same fine-tune, and `tf.lite.TFLiteConverter` with
    `Optimize.DEFAULT`; its parity is measured with the same definitions as `verify_tflite`.
 
 Every int8 file takes int8 input and gives int8 output. Accuracies are of the files run by LiteRT
-(float: the Keras model). Step times are medians of the training steps of each `fit` (first steps
-excluded); export time is one `export_tflite` / converter call; latency is LiteRT's single-sample
+(float: the Keras model). Step times: each toolkit's QAT fine-tune runs one epoch at a time, each
+epoch beside an epoch of a copy of the float model trained the same way, the two taking turns to go
+first (so a change in a shared machine's load falls on both); the ratio is the median QAT step over
+the median float step (first steps of each `fit` excluded); export time is one `export_tflite` / converter call; latency is LiteRT's single-sample
 median with 1 and 2 threads (the lowest of 5 rounds), measured in this process for every file of the
 first seed.
 
@@ -157,7 +160,7 @@ class Recipe:
     image_size: int  # digits upsampled to this size; 0: the 8x8 image as a sequence of rows
     epochs: int  # float epochs, Adam with cosine decay from `lr`
     lr: float
-    qat_epochs: int  # QAT epochs, constant Adam `qat_lr`, the same for both toolkits
+    qat_epochs: int  # QAT epochs, Adam with cosine decay from `qat_lr`, the same for both toolkits
     qat_lr: float
 
 
@@ -171,38 +174,66 @@ RECIPES = {
 
 
 def batch_timer(k):
-    """A callback (for Keras 3 or tf_keras) that records each training step's seconds in `.times`."""
+    """A callback (for Keras 3 or tf_keras) that records each training step's seconds in `.times`,
+    leaving out the first steps of its first `fit` (tracing) and the first step of each later one."""
 
     class BatchTimer(k.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.times = []
+            self._skip = SKIP_STEPS
+
+        def on_train_begin(self, logs=None):
+            self._to_skip = self._skip
+            self._skip = 1
 
         def on_train_batch_begin(self, batch, logs=None):
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter() - self._start)
+            if self._to_skip:
+                self._to_skip -= 1
+            else:
+                self.times.append(time.perf_counter() - self._start)
 
         def step_seconds(self):
-            times = self.times[SKIP_STEPS:] or self.times
-            return statistics.median(times)
+            return statistics.median(self.times)
 
     return BatchTimer()
 
 
-def fit(k, model, x, y, epochs, lr, cosine):
-    """Compiles and fits `model`; returns the median seconds of a training step."""
+def compile_for_fit(k, model, x, epochs, lr):
+    """Adam with cosine decay from `lr` over `epochs`, and the digits' loss."""
     steps = epochs * -(-len(x) // BATCH_SIZE)
-    schedule = k.optimizers.schedules.CosineDecay(lr, steps) if cosine else lr
     model.compile(
-        optimizer=k.optimizers.Adam(schedule),
+        optimizer=k.optimizers.Adam(k.optimizers.schedules.CosineDecay(lr, steps)),
         loss=k.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    timer = batch_timer(k)
-    model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=0, callbacks=[timer])
-    return timer.step_seconds()
+
+
+def fit(k, model, x, y, epochs, lr):
+    """Compiles and fits `model`."""
+    compile_for_fit(k, model, x, epochs, lr)
+    model.fit(x, y, batch_size=BATCH_SIZE, epochs=epochs, shuffle=True, verbose=0)
+
+
+def fine_tune(k, qat, float_model, x, y, epochs, lr):
+    """Fine-tunes `qat` (Adam with cosine decay from `lr`) one epoch at a time, each epoch beside one
+    epoch of a copy of `float_model` trained the same way (and then thrown away), the two taking turns
+    to go first, so that a change in a shared machine's load falls on both alike. Returns the median
+    seconds of a QAT step and of a float step."""
+    twin = k.models.clone_model(float_model)
+    twin.set_weights(float_model.get_weights())
+    timers = {}
+    for model in (qat, twin):
+        compile_for_fit(k, model, x, epochs, lr)
+        timers[id(model)] = batch_timer(k)
+    for epoch in range(epochs):
+        for model in ((twin, qat) if epoch % 2 == 0 else (qat, twin)):
+            model.fit(x, y, batch_size=BATCH_SIZE, initial_epoch=epoch, epochs=epoch + 1, shuffle=True,
+                      verbose=0, callbacks=[timers[id(model)]])
+    return timers[id(qat)].step_seconds(), timers[id(twin)].step_seconds()
 
 
 def accuracy(outputs, y):
@@ -231,15 +262,12 @@ def tfmot_worker(spec_path):
         model = recipe.build(k)
         model.set_weights(weights)
         float_accuracy = accuracy(model.predict(x_test, batch_size=256, verbose=0), y_test)
-        timing_copy = k.models.clone_model(model)
-        timing_copy.set_weights(weights)
-        float_step = fit(k, timing_copy, x, y, 1, recipe.lr, cosine=False)  # timing only, then discarded
         try:
             qat = tfmot.quantization.keras.quantize_model(model)
         except Exception as error:  # tfmot names the layer it does not support
             results[seed] = {"refused": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
             continue
-        qat_step = fit(k, qat, x, y, spec["qat_epochs"], recipe.qat_lr, cosine=False)
+        qat_step, float_step = fine_tune(k, qat, model, x, y, spec["qat_epochs"], recipe.qat_lr)
         np.save(os.path.join(folder, f"tfmot_outputs_{seed}.npy"), qat.predict(x_test, batch_size=256, verbose=0))
         start = time.perf_counter()
         converter = tf.lite.TFLiteConverter.from_keras_model(qat)
@@ -366,9 +394,9 @@ def run_kerasq(name, recipe, seed, epochs, qat_epochs, data, folder):
     x, y, x_test, y_test = data
     keras.utils.set_random_seed(seed)
     model = recipe.build(keras)
-    float_step = fit(keras, model, x, y, epochs, recipe.lr, cosine=True)
+    fit(keras, model, x, y, epochs, recipe.lr)
     np.savez(os.path.join(folder, f"float_weights_{seed}.npz"), *model.get_weights())
-    result = {"float_step": float_step, "accuracy": {}, "files": {}}
+    result = {"accuracy": {}, "files": {}}
     result["accuracy"]["float32"] = accuracy(model.predict(x_test, batch_size=256, verbose=0), y_test)
     result["files"]["float32"] = kerasq.export_tflite(model)
     start = time.perf_counter()
@@ -376,8 +404,8 @@ def run_kerasq(name, recipe, seed, epochs, qat_epochs, data, folder):
     result["ptq_seconds"] = time.perf_counter() - start
     result["accuracy"]["ptq"] = kerasq.TFLiteModel(result["files"]["ptq"]).evaluate(x_test, y_test)
 
-    qat = kerasq.quantize_model(model)
-    result["qat_step"] = fit(keras, qat, x, y, qat_epochs, recipe.qat_lr, cosine=False)
+    qat = kerasq.quantize_model(model, calibration_data=x[:CALIBRATION_SAMPLES])
+    result["qat_step"], result["float_step"] = fine_tune(keras, qat, model, x, y, qat_epochs, recipe.qat_lr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a float island or fragility is reported, not warned about
         start = time.perf_counter()
@@ -538,7 +566,8 @@ def report(summaries, not_yet, command, seeds, minutes):
         "",
         "Digits test set (450 images). Float: the Keras 3 model; PTQ int8: that model through TFLite's converter "
         f"with {CALIBRATION_SAMPLES} calibration images; kerasq and tfmot QAT int8: each toolkit's QAT fine-tune "
-        "of the same float weights, exported by its own path. Accuracy: mean ± half the spread over the seeds.",
+        "of the same float weights (the same epochs, Adam with cosine decay; kerasq's ranges calibrated on "
+        "the PTQ images first), exported by its own path. Accuracy: mean ± half the spread over the seeds.",
         "",
         "## Accuracy (%)",
         "",
@@ -555,8 +584,8 @@ def report(summaries, not_yet, command, seeds, minutes):
         "",
         "Parity: each QAT model against its own file, argmax agreement / largest output difference in output "
         "steps, beside the floor (LiteRT's default kernels against its reference and builtin kernels on that "
-        "file). Step ratio: median QAT training step / median float training step of the same toolkit "
-        "(kerasq in this process, tfmot in its own). Export: one `kerasq.export_tflite` call / one "
+        "file). Step ratio: median QAT training step / median float training step of the same toolkit, "
+        "their epochs interleaved (kerasq in this process, tfmot in its own). Export: one `kerasq.export_tflite` call / one "
         "`TFLiteConverter` conversion of the QAT model (PTQ: `export_tflite` with calibration).",
         "",
         "| model | kerasq parity | tfmot parity | kerasq step ratio | tfmot step ratio | kerasq export s | tfmot export s | PTQ export s |",
