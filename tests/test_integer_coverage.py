@@ -94,6 +94,22 @@ def attention(x):
     return layers.Flatten()(layers.LayerNormalization()(layers.Add()([tokens, attended])))
 
 
+def masked_attention(x):
+    """A causal mask, the scores returned, LayerNormalization over the sequence axis."""
+    tokens = layers.Dense(16)(layers.Reshape((8, 8))(x))
+    attention = layers.MultiHeadAttention(num_heads=2, key_dim=8)
+    attended, scores = attention(tokens, tokens, use_causal_mask=True, return_attention_scores=True)
+    normalized = layers.LayerNormalization(axis=1)(layers.Add()([tokens, attended]))
+    return layers.Concatenate()([layers.Flatten()(normalized), layers.Flatten()(scores)])
+
+
+def attention_axes(x):
+    """Attention over a (4, 2) grid of tokens, LayerNormalization over all three axes."""
+    tokens = layers.Dense(8)(layers.Reshape((4, 2, 8))(x))
+    attended = layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2))(tokens, tokens)
+    return layers.Flatten()(layers.LayerNormalization(axis=[1, 2, 3])(layers.Add()([tokens, attended])))
+
+
 def embedding_model():
     inputs = keras.Input((64,), dtype="int32")
     x = layers.GlobalAveragePooling1D()(layers.Embedding(17, 8)(inputs))
@@ -103,7 +119,7 @@ def embedding_model():
 ZOO = {
     body.__name__: (lambda body=body: _image_model(body))
     for body in (cnn, separable, residual, concatenate, dilated, upsampling, preprocessing, activations,
-                 pooling, dense_head, conv1d, conv_transpose, attention)
+                 pooling, dense_head, conv1d, conv_transpose, attention, masked_attention, attention_axes)
 }
 ZOO["embedding"] = embedding_model
 # Known gaps to the floor, not to integer coverage.

@@ -115,22 +115,51 @@ def test_quantization_off_computes_what_keras_computes():
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["attention", "layer_norm"])
+def _layer_alone(kind):
+    """One attention or LayerNormalization layer as the whole model, on (8, 16) inputs, or (4, 2, 16)
+    for attention over two axes."""
+    if kind == "attention_axes":
+        inputs = keras.Input((4, 2, 16))
+        return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, attention_axes=(1, 2))(inputs, inputs)
+    inputs = keras.Input((8, 16))
+    if kind == "attention":
+        return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
+    if kind == "gated_attention":
+        return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, use_gate=True)(inputs, inputs)
+    if kind == "causal_attention":
+        return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs, use_causal_mask=True)
+    uniform = dict(beta_initializer="uniform", gamma_initializer="uniform")
+    if kind == "layer_norm":
+        return inputs, keras.layers.LayerNormalization(**uniform)(inputs)
+    if kind == "layer_norm_axes":
+        return inputs, keras.layers.LayerNormalization(axis=[1, 2], **uniform)(inputs)
+    assert kind == "rms_norm"
+    return inputs, keras.layers.LayerNormalization(rms_scaling=True, gamma_initializer="uniform")(inputs)
+
+
+_KEY_OPS = {"attention": "BATCH_MATMUL", "causal_attention": "SELECT_V2", "attention_axes": "TRANSPOSE",
+            "gated_attention": "LOGISTIC",
+            "layer_norm": "RSQRT", "layer_norm_axes": "RSQRT", "rms_norm": "RSQRT"}
+
+
+@pytest.mark.parametrize("kind", list(_KEY_OPS))
 def test_the_layer_alone_matches_the_default_kernels_bit_for_bit(kind):
     """BATCH_MATMUL and RSQRT scale their integer results with a fixed-point multiplier, rounding
     twice; the simulation did once, and put 2-4% of these outputs 1-5 steps off. Tokens spread 50
-    times apart give LayerNormalization small variances, where RSQRT's double rounding shows."""
+    times apart give LayerNormalization small variances, where RSQRT's double rounding shows. A
+    causal mask is a SELECT_V2 of the lowest int8 score, attention over two axes a SOFTMAX over
+    both, a gate a LOGISTIC and a MUL, and a normalization over two axes MEANs over both, each int8
+    and each to the bit."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 16))
-    if kind == "attention":
-        outputs = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
-    else:
-        outputs = keras.layers.LayerNormalization(beta_initializer="uniform", gamma_initializer="uniform")(inputs)
+    inputs, outputs = _layer_alone(kind)
+    shape = tuple(inputs.shape[1:])
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(256, 8, 16)) * rng.uniform(0.02, 1.0, (256, 8, 1))).astype("float32")
+    spread = rng.uniform(0.02, 1.0, (256, 8, 1)).reshape((256,) + shape[:-1] + (1,))
+    x = (rng.normal(size=(256,) + shape) * spread).astype("float32")
     qat = kerasq.quantize_model(keras.Model(inputs, outputs), calibration_data=x)
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
-    assert {"attention": "BATCH_MATMUL", "layer_norm": "RSQRT"}[kind] in tflite.ops
+    assert _KEY_OPS[kind] in tflite.ops
+    assert tflite.is_fully_integer, tflite.float_tensors
     (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
     levels = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype("int8")
     x = (levels.astype("float32") - in_zero) * np.float32(in_scale)
@@ -138,12 +167,53 @@ def test_the_layer_alone_matches_the_default_kernels_bit_for_bit(kind):
     np.testing.assert_array_equal(simulated, tflite.predict(levels, raw=True).astype("float32"))
 
 
-def test_masked_attention_runs_in_float_between_quantized_layers(digits):
-    (x, _), _ = digits
-    x = x.reshape(-1, 8, 8)
-    inputs = keras.Input((8, 8))
-    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs, use_causal_mask=True)
-    qat = kerasq.quantize_model(keras.Model(inputs, keras.layers.Dense(10)(attended)), calibration_data=x)
+def test_variants_with_quantization_off_compute_what_keras_computes():
+    """Masks (causal, given, and the inputs' Keras masks), returned scores, attention over other axes
+    with a gate, normalization over other axes and RMS scaling: with quantization switched off,
+    Keras's values."""
+    keras.utils.set_random_seed(2)
+    tokens, given = keras.Input((6,), dtype="int32"), keras.Input((6, 6), dtype="bool")
+    x = keras.layers.Embedding(9, 8, mask_zero=True)(tokens)
+    given_mask = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(x, x, attention_mask=given)
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    attended, scores = attention(given_mask, x, use_causal_mask=True, return_attention_scores=True)
+    grid = keras.layers.Reshape((3, 2, 8))(keras.layers.Dense(48)(keras.layers.Flatten()(attended)))
+    gated = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2), use_gate=True)
+    over_axes = gated(grid, grid)
+    uniform = dict(beta_initializer="uniform", gamma_initializer="uniform")
+    normalized = keras.layers.LayerNormalization(axis=[1, 3], **uniform)(over_axes)
+    rms = keras.layers.LayerNormalization(axis=1, rms_scaling=True, gamma_initializer="uniform")(over_axes)
+    model = keras.Model([tokens, given], [given_mask, attended, scores, over_axes, normalized, rms])
+    qat = kerasq.quantize_model(model)
+    for layer in qat.layers:
+        if isinstance(layer, (kerasq.Quantize, kerasq.QuantizeWrapper)):
+            layer.quantization_enabled = False
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 9, (4, 6))
+    ids[:, 4:] = 0  # padding: the Keras masks hide these tokens
+    mask = rng.uniform(size=(4, 6, 6)) < 0.8
+    mask[:, :, 0] = True  # every unpadded query sees some key: no row masked throughout
+    for ours, theirs in zip(qat([ids, mask]), model([ids, mask])):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
+
+
+def test_masked_attention_is_int8_at_the_floor(digits):
+    """Each digit as a sentence of 64 tokens with the background (0) masked out of attention
+    (Embedding(mask_zero=True)) and a causal mask: SELECT_V2 in int8, as in post-training int8."""
+    (x, y), (x_test, _) = digits
+    x, y, x_test = as_tokens(x)[:640], y[:640], as_tokens(x_test)[:200]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,), dtype="int32")
+    embedded = keras.layers.Embedding(17, 16, mask_zero=True)(inputs)
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(embedded, embedded, use_causal_mask=True)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(attended)))
+    post_training = kerasq.TFLiteModel(kerasq.export_tflite(model, representative_data=x[:100]))
+    qat = kerasq.quantize_model(model, calibration_data=x[:256])
+    qat.compile(keras.optimizers.Adam(1e-3), LOSS)
+    qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
-    assert kerasq.verify_tflite(qat, tflite, x[:200]).passed
-    assert "BATCH_MATMUL" in {name for name, _ in tflite.float_ops}
+    assert "SELECT_V2" in tflite.ops
+    assert len(tflite.float_tensors) <= len(post_training.float_tensors), tflite.float_tensors
+    assert tflite.is_fully_integer, tflite.float_tensors
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed, str(report)

@@ -5,12 +5,21 @@ BATCH_MATMUL for the scores, a SOFTMAX (output scale 1/256, zero point -128), a 
 the context and a FULLY_CONNECTED output projection, with int8 tensors between them. The QAT model
 computes the same ops with the layer's own weights and rounds every one of those tensors to its own
 learned range; at inference the BATCH_MATMULs scale their integer sums to the output as LiteRT's
-kernel does (`fixed_point.multiply_by_quantized_multiplier`), rounding twice. The 1/sqrt(key_dim) scaling is folded into the query projection (weights and bias),
-so no separate op rounds in between: in float it is the same product.
+kernel does (`fixed_point.multiply_by_quantized_multiplier`), rounding twice. The 1/sqrt(key_dim)
+scaling is folded into the query projection (weights and bias), so no separate op rounds in between:
+in float it is the same product.
 
-Attention with masks (`attention_mask`, `use_causal_mask`, Keras masks), scores returned, custom
-`attention_axes` or inputs of another rank than (batch, sequence, features) runs in float between
-the quantized layers around it.
+A mask (`attention_mask`, `use_causal_mask`, the Keras masks of the inputs, a sliding window) is a
+SELECT_V2 between the scores and the SOFTMAX, as in TFLite's post-training int8 file: a masked score
+becomes the lowest value of the scores' int8 range (-128), so it keeps the small weight
+exp(lowest - row maximum) that the int8 SOFTMAX gives it, which the QAT model trains with. Attention
+over other axes (`attention_axes`, inputs of rank 4 or more) transposes and reshapes the projected query,
+key and value so that the attended axes form one sequence and the others join the batch: the same
+BATCH_MATMULs and one SOFTMAX over all attended positions, with int8 TRANSPOSE and RESHAPE ops
+around them. `return_attention_scores=True` returns the SOFTMAX's int8 output (scale 1/256) as well.
+A gate (`use_gate=True`) is a FULLY_CONNECTED, a LOGISTIC and a MUL on the context. Masks over other
+axes than the one sequence axis of (batch, sequence, features) inputs run in float between the
+quantized layers around them.
 
 Example:
 >>> import keras, kerasq
@@ -21,53 +30,172 @@ Example:
 ['context', 'key', 'output', 'query', 'scores', 'value']
 """
 
+import keras
 from keras import layers, ops
 
 from kerasq.quantization.fixed_point import multiply_by_quantized_multiplier
-from kerasq.quantization.handlers import QUANTIZE, UNIT_RANGE, LayerHandler, register_handler
-from kerasq.quantization.quantizers import is_tracing_for_export
+from kerasq.quantization.handlers import QUANTIZE, UNIT_RANGE, LayerHandler, activation_name, register_handler
+from kerasq.quantization.quantizers import is_calibrating, is_tracing_for_export
 
 _RANGES = ("query", "key", "value", "scores", "context")
 
 
 class MultiHeadAttentionHandler(LayerHandler):
-    """Self- and cross-attention on (batch, sequence, features) inputs, fully int8."""
+    """Self- and cross-attention, masked or not, over any attention axes, fully int8."""
 
     def __init__(self):
         super().__init__(output=QUANTIZE)
 
     def intermediate_ranges(self, layer):
-        return _RANGES if _simulated(layer) else ()
+        if not _simulated(layer):
+            return ()
+        return _RANGES + (("gate", "gated") if layer._use_gate else ())
 
     def run_simulated(self, layer, simulation, query, value, key=None, **kwargs):
         training = kwargs.pop("training", simulation.training)
-        masked = any(getattr(x, "_keras_mask", None) is not None for x in (query, value, key))
-        if masked or any(v is not None and v is not False for v in kwargs.values()):
-            return layer(query, value, key, training=training, **kwargs)  # runs in float
+        return_scores = bool(kwargs.pop("return_attention_scores", False))
+        arguments = dict(attention_mask=kwargs.pop("attention_mask", None),
+                         use_causal_mask=bool(kwargs.pop("use_causal_mask", False)))
+        # Keras fills each `<input>_mask` from its input's Keras mask; key's only when key is given.
+        for name, tensor in (("query", query), ("value", value), ("key", key)):
+            arguments[name + "_mask"] = kwargs.pop(name + "_mask", None)
+            if arguments[name + "_mask"] is None and tensor is not None:
+                arguments[name + "_mask"] = getattr(tensor, "_keras_mask", None)
+        masked = any(v is not None and v is not False for v in arguments.values())
+        masked = masked or getattr(layer, "_sliding_window", None) is not None
+        if kwargs or (masked and not _default_layout(layer)):
+            return layer(query, value, key, training=training, return_attention_scores=return_scores,
+                         **arguments, **kwargs)  # runs in float
+        mask = None
+        if masked:
+            mask = layer._compute_attention_mask(
+                query, value, query_mask=arguments["query_mask"], value_mask=arguments["value_mask"],
+                key_mask=arguments["key_mask"], attention_mask=arguments["attention_mask"],
+                use_causal_mask=arguments["use_causal_mask"],
+            )
         key = value if key is None else key
-        scale = layer._inverse_sqrt_key_dim
-        q = _projection(layer._query_dense, query, simulation, scale)
-        k = _projection(layer._key_dense, key, simulation)
-        v = _projection(layer._value_dense, value, simulation)
-        q = simulation.activation("query", q)  # (batch, target, heads, key_dim)
-        k = simulation.activation("key", k)  # (batch, source, heads, key_dim)
-        v = simulation.activation("value", v)  # (batch, source, heads, value_dim)
+        q = simulation.activation("query", _projection(layer._query_dense, query, simulation, 1,
+                                                       layer._inverse_sqrt_key_dim))
+        k = simulation.activation("key", _projection(layer._key_dense, key, simulation, 1))
+        v = simulation.activation("value", _projection(layer._value_dense, value, simulation, 1))
+        layout, source = _Layout(layer._attention_axes, q.shape), _Layout(layer._attention_axes, k.shape)
+        q = layout.to_sequence(q)  # (batch x other axes, target, heads, key_dim)
+        k, v = source.to_sequence(k), source.to_sequence(v)  # (batch x other axes, source, heads, size)
         scores = _batch_matmul(simulation, _SCORES, q, "query", k, "key", "scores")
+        if mask is not None:
+            scores = _masked(simulation, scores, mask)
         probabilities = simulation.fixed(ops.softmax(scores, axis=-1), UNIT_RANGE)
-        probabilities = layer._dropout_layer(probabilities, training=training)
-        context = _batch_matmul(simulation, _CONTEXT, probabilities, UNIT_RANGE, v, "value", "context")
-        context = ops.reshape(context, (-1, context.shape[1], context.shape[2] * context.shape[3]))
-        return _projection(layer._output_dense, context, simulation)
+        if mask is not None and (return_scores or layer._dropout > 0.0):
+            # Keras's masked softmax, which it runs here rather than its fused attention, zeroes the
+            # masked weights (a query masked throughout attends to nothing): one SELECT_V2 more.
+            probabilities = simulation.fixed(ops.where(_over_heads(mask), probabilities, 0.0), UNIT_RANGE)
+        dropped = layer._dropout_layer(probabilities, training=training)
+        context = _batch_matmul(simulation, _CONTEXT, dropped, UNIT_RANGE, v, "value", "context")
+        context = layout.from_sequence(context)
+        if layer._use_gate:
+            # FULLY_CONNECTED, LOGISTIC (its int8 output fixed at scale 1/256) and MUL.
+            gate = simulation.activation("gate", _projection(layer._gate_dense, query, simulation, 1))
+            gate = simulation.fixed(ops.sigmoid(gate), UNIT_RANGE)
+            context = simulation.activation("gated", context * gate)
+        outputs = _projection(layer._output_dense, context, simulation, 2)
+        if return_scores:
+            return outputs, layout.scores(probabilities, source)
+        return outputs
 
 
 def _simulated(layer):
-    """True for attention over the sequence axis of rank-3 inputs, the output back in the query's
-    features: what `run_simulated` reproduces."""
+    """True where `run_simulated` reproduces the layer: built, with the projections Keras builds
+    (each input's last axis to heads x size, heads x size back to the output) and a sigmoid gate
+    if any."""
     built = getattr(layer, "_query_dense", None) is not None and layer._query_dense.built
-    axes = getattr(layer, "_attention_axes", None)
-    return built and tuple(axes or (1,)) == (1,) and layer._query_dense.equation == "abc,cde->abde" and (
-        layer._output_dense.equation == "abcd,cde->abe"
+    if not built:
+        return False
+    projections = [layer._query_dense, layer._key_dense, layer._value_dense]
+    if getattr(layer, "_use_gate", False):
+        if activation_name(layer._gate_dense.activation) != "sigmoid":
+            return False
+        projections.append(layer._gate_dense)
+    return all(_projects(dense, 1) for dense in projections) and _projects(layer._output_dense, 2)
+
+
+def _projects(dense, bound):
+    """True for an EinsumDense that contracts the last `bound` axes of its input with the first
+    `bound` of its kernel, and keeps the other input axes in front of the kernel's others."""
+    inputs, rest = dense.equation.split(",")
+    kernel, outputs = rest.split("->")
+    free, contracted = inputs[:-bound], inputs[-bound:]
+    return kernel.startswith(contracted) and outputs == free + kernel[bound:] and not set(free) & set(kernel)
+
+
+def _default_layout(layer):
+    """Attention over the one sequence axis of (batch, sequence, features) inputs."""
+    return tuple(layer._attention_axes) == (1,) and len(layer._query_dense.kernel.shape) == 3 and (
+        layer._query_dense.equation == "abc,cde->abde"
     )
+
+
+class _Layout:
+    """Where the attended axes of a projected (batch, <index axes>, heads, size) tensor are: the
+    other index axes join the batch, the attended ones form one sequence."""
+
+    def __init__(self, attention_axes, shape):
+        rank = len(shape)
+        self.axes = tuple(attention_axes)
+        self.others = tuple(a for a in range(1, rank - 2) if a not in self.axes)
+        self.order = (0, *self.others, *self.axes, rank - 2, rank - 1)
+        self.shape = tuple(shape)
+        self.plain = rank == 4  # (batch, sequence, heads, size)
+
+    def to_sequence(self, x):
+        if self.plain:
+            return x
+        if self.order != tuple(range(len(self.order))):
+            x = ops.transpose(x, self.order)
+        return ops.reshape(x, (-1, _size(self.shape[a] for a in self.axes)) + tuple(x.shape[-2:]))
+
+    def from_sequence(self, x):
+        """(batch x others, sequence, heads, size) back to this layout, with x's last axis."""
+        if self.plain:
+            return x
+        ordered = tuple(self.shape[a] for a in self.order[1:-2])
+        x = ops.reshape(x, (-1,) + ordered + tuple(x.shape[-2:]))
+        if self.order != tuple(range(len(self.order))):
+            inverse = tuple(self.order.index(a) for a in range(len(self.order)))
+            x = ops.transpose(x, inverse)
+        return x
+
+    def scores(self, probabilities, source):
+        """(batch x others, heads, target, source) as Keras returns attention scores: (batch,
+        <other axes>, heads, <attended target axes>, <attended source axes>)."""
+        if self.plain:
+            return probabilities
+        shape = tuple(self.shape[a] for a in self.others) + (probabilities.shape[1],)
+        shape += tuple(self.shape[a] for a in self.axes) + tuple(source.shape[a] for a in source.axes)
+        return ops.reshape(probabilities, (-1,) + shape)
+
+
+def _masked(simulation, scores, mask):
+    """The int8 scores where `mask` (batch or 1, target, source) holds, else the lowest value of
+    their range: SELECT_V2 with a constant that quantizes to -128, as the converter makes of Keras's
+    `where(mask, scores, -1e9)`. With quantization off, -1e9 as in Keras."""
+    mask = _over_heads(mask)
+    if not simulation.enabled:
+        return ops.where(mask, scores, -1e9)
+    if is_calibrating():
+        return ops.where(mask, scores, ops.min(scores))
+    quantizer, state = simulation._wrapper.scheme.activations, simulation._ranges["scores"]
+    low, high = quantizer.range(state)
+    lowest = keras.quantizers.fake_quant_with_min_max_vars(
+        low - (high - low), low, high, num_bits=quantizer.bits, narrow_range=quantizer.symmetric
+    )
+    masked = ops.where(mask, scores, ops.stop_gradient(lowest))
+    # The export trace rounds it to the scores' range again (no update): the converter quantizes
+    # SELECT_V2's output with it (the constant becomes -128), and leaves it in float without.
+    return quantizer(masked, state, training=False) if is_tracing_for_export() else masked
+
+
+def _over_heads(mask):
+    return ops.expand_dims(ops.cast(mask, "bool"), 1)
 
 
 _SCORES = "abhd,achd->ahbc"  # (batch, heads, target, source)
@@ -104,19 +232,20 @@ def _step(simulation, named_or_fixed):
     return ops.convert_to_tensor((high - low) / 255.0, "float32")
 
 
-def _projection(dense, x, simulation, scale=None):
+def _projection(dense, x, simulation, bound, scale=None):
     """An EinsumDense of attention as one FULLY_CONNECTED: its kernel flattened to 2D (one weight
-    scale, as for Dense), times `scale` when given, applied to the flattened sequence."""
+    scale, as for Dense), times `scale` when given, applied to `x` flattened to its last `bound`
+    axes."""
     kernel, bias = dense.kernel, dense.bias
-    out_shape = tuple(kernel.shape[kernel.ndim - (2 if dense.equation.startswith("abc,") else 1):])
-    kernel = ops.reshape(kernel, (-1, _size(out_shape)))
+    contracted, out_shape = tuple(kernel.shape[:bound]), tuple(kernel.shape[bound:])
+    kernel = ops.reshape(kernel, (_size(contracted), _size(out_shape)))
     if scale is not None:
         kernel = kernel * scale
     outputs = ops.matmul(ops.reshape(x, (-1, kernel.shape[0])), simulation.weight(kernel))
     if bias is not None:
         bias = ops.reshape(bias, (-1,))
         outputs = outputs + (bias * scale if scale is not None else bias)
-    return ops.reshape(outputs, (-1, x.shape[1]) + out_shape)
+    return ops.reshape(outputs, (-1,) + tuple(x.shape[1:len(x.shape) - bound]) + out_shape)
 
 
 def _size(shape):

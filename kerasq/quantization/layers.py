@@ -218,7 +218,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
             quantizer, state = input_range
             outputs = self.handler.round_to_input_grid(self.layer, outputs, quantizer, state)
         output_quantizer = self._output_quantizers[call_index]
-        if output_quantizer is not None:
+        if output_quantizer is not None and isinstance(outputs, (tuple, list)):
+            # The layer's output and what else it returns, which its handler rounds (attention's scores).
+            first = output_quantizer(outputs[0], ranges["output"], training=training, enabled=self.quantization_enabled)
+            outputs = type(outputs)((first, *outputs[1:]))
+        elif output_quantizer is not None:
             outputs = output_quantizer(outputs, ranges["output"], training=training, enabled=self.quantization_enabled)
         return outputs
 
@@ -380,6 +384,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape, *args, call_index=0, **kwargs):
         return self.layer.compute_output_shape(input_shape, *args, **kwargs)
 
+    def compute_mask(self, inputs, previous_mask=None):
+        # The layer's own Keras mask (an Embedding's with mask_zero), which Keras's Wrapper drops.
+        return self.layer.compute_mask(inputs, previous_mask)
+
     def compute_output_spec(self, inputs, *args, training=None, call_index=0, **kwargs):
         # The wrapped layer's answer: traced from its `call` when it has no `compute_output_shape`.
         return self.layer.compute_output_spec(inputs, *args, **kwargs)
@@ -469,6 +477,8 @@ def _call_suffix(index):
 
 def _input_range_of(inputs):
     layer, call_kwargs = _keras_private.producing_call(inputs)
+    if getattr(inputs, "_keras_history", (None, 0, 0))[2]:
+        return None  # a layer's second output (attention's scores) has no range of its own here
     if isinstance(layer, Quantize):
         return layer.quantizer, layer._range
     if isinstance(layer, QuantizeWrapper):

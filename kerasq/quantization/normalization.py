@@ -6,7 +6,11 @@ range. (Keras's own formula, `x * (rsqrt(var + eps) * gamma) + (beta - mean * rs
 makes the converter leave a NEG in float and puts gamma into a per-token tensor with a wide range.)
 gamma and beta are int8 constants with one symmetric scale each.
 
-Other axes, and RMS scaling, run in float between the quantized layers around them.
+Over other axes, or several (a (batch, height, width, channels) tensor normalized over all three),
+the MEANs reduce over those axes and gamma and beta are broadcast along them: the same int8 ops, where
+TFLite's post-training int8 file leaves a NEG in float. With `rms_scaling` (which Keras computes from
+the variance, not the mean square), the input itself is multiplied by the inverse deviation and by
+gamma, with no beta.
 
 Example:
 >>> import keras, kerasq
@@ -25,7 +29,7 @@ _RANGES = ("mean", "centered", "squares", "variance", "variance_epsilon", "inver
 
 
 class LayerNormalizationHandler(LayerHandler):
-    """LayerNormalization over the last axis, fully int8."""
+    """LayerNormalization over any axes but the batch's, with or without RMS scaling, fully int8."""
 
     def __init__(self):
         super().__init__(output=QUANTIZE)
@@ -33,21 +37,38 @@ class LayerNormalizationHandler(LayerHandler):
     def intermediate_ranges(self, layer):
         if not _simulated(layer):
             return ()
-        return _RANGES if layer.scale else tuple(name for name in _RANGES if name != "scaled")
+        # gamma's product has a range of its own where beta is added after it.
+        scaled = layer.scale and not layer.rms_scaling
+        return _RANGES if scaled else tuple(name for name in _RANGES if name != "scaled")
 
     def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
-        mean = simulation.activation("mean", ops.mean(inputs, axis=-1, keepdims=True))
+        rank = len(inputs.shape)
+        axes = sorted(axis % rank for axis in layer.axis)
+        mean = simulation.activation("mean", ops.mean(inputs, axis=axes, keepdims=True))
         centered = simulation.activation("centered", inputs - mean)
         squares = simulation.activation("squares", centered * centered)
-        variance = simulation.activation("variance", ops.mean(squares, axis=-1, keepdims=True))
+        variance = simulation.activation("variance", ops.mean(squares, axis=axes, keepdims=True))
         variance = simulation.activation("variance_epsilon", variance + layer.epsilon)
         inverse = simulation.activation("inverse_deviation", _rsqrt(variance, simulation))
+        if layer.rms_scaling:
+            outputs = simulation.activation("normalized", inputs * inverse)
+            if layer.gamma is not None:
+                outputs = outputs * _broadcast(simulation.weight(layer.gamma), axes, inputs.shape)
+            return outputs
         outputs = simulation.activation("normalized", centered * inverse)
         if layer.scale:
-            outputs = simulation.activation("scaled", outputs * simulation.weight(layer.gamma))
+            gamma = _broadcast(simulation.weight(layer.gamma), axes, inputs.shape)
+            outputs = simulation.activation("scaled", outputs * gamma)
         if layer.center:
-            outputs = outputs + simulation.weight(layer.beta)
+            outputs = outputs + _broadcast(simulation.weight(layer.beta), axes, inputs.shape)
         return outputs
+
+
+def _broadcast(weight, axes, shape):
+    """gamma or beta (the sizes of the normalized axes) shaped to multiply an input of `shape`."""
+    if axes == [len(shape) - 1]:
+        return weight
+    return ops.reshape(weight, tuple(shape[a] if a in axes else 1 for a in range(len(shape))))
 
 
 def _rsqrt(variance, simulation):
@@ -71,12 +92,12 @@ def _rsqrt(variance, simulation):
 
 
 def _simulated(layer):
-    """True for a layer normalizing over the last axis of its input, without RMS scaling."""
+    """True for a built layer that does not normalize over the batch axis."""
+    if not layer.built:
+        return False
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    shape = (layer.get_build_config() or {}).get("input_shape") if layer.built else None
-    rank = len(shape) if shape is not None else None
-    last = len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)
-    return last and not layer.rms_scaling
+    shape = (layer.get_build_config() or {}).get("input_shape")
+    return shape is not None and all(axis % len(shape) != 0 for axis in axes)
 
 
 register_handler(layers.LayerNormalization, LayerNormalizationHandler())
