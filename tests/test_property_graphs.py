@@ -27,25 +27,21 @@ draws the graphs that meet the known bugs listed below, which the default run le
 
 # KNOWN BUGS. The default run leaves out the graphs that meet these kerasq bugs (each exclusion in
 # the generator names its bug); KERASQ_PROPERTY_KNOWN_BUGS=1 draws them too. `test_known_bug` pins
-# three of them with their smallest graphs as strict xfails, so a fix shows up as XPASS: then drop
-# the exclusion and the xfail.
+# two of them with their smallest graphs as strict xfails, so a fix shows up as XPASS: then drop
+# the exclusion and the xfail, and make the graph a regression test (at the end of this file).
+#
+# Fixed: CONCAT_MIXED_SCALES (a concatenation of an input with a range of its own and one it alone
+# rounds was written at the former's scale, clipping the latter).
 #
 # SHARED_BATCHNORM: a BatchNormalization called more than once (on its own, or inside a Sequential
 #   model called twice) stays float in the file: DEQUANTIZE, MUL, ADD, QUANTIZE for each call.
 #   `_standalone_batchnorm_rank` (kerasq/quantization/quantize.py) runs a BatchNorm with nothing to
 #   fold into as an int8 DEPTHWISE_CONV_2D only when it is called once, and a BatchNorm after a
 #   shared convolution is not folded into it either.
-# CONCAT_MIXED_SCALES: a Concatenate with an input that keeps its own quantization (the model input,
-#   or a tensor another layer reads too) and an input that kerasq leaves unrounded for the
-#   concatenation (an op that only feeds it). The converter writes the concatenation, and that
-#   unrounded input, at the other input's scale, then requantizes to the concatenation's range (a
-#   QUANTIZE op); the Keras model rounds the unrounded input once, to the concatenation's range.
-#   Values outside the other input's range are clipped in the file: 70 to 150 output steps off.
-#   (When the other input comes through a MaxPooling2D, the converter instead requantizes the pooled
-#   tensor for all its readers, the convolution beside the concatenation included: 1 to 3 steps.)
 # CONCAT_FOLDED_BATCHNORM: a convolution with a BatchNorm folded into it, whose output only feeds a
 #   Concatenate, keeps its own range (`_producer_taking_scale` stops at the folded BatchNorm's
-#   node), so the concatenation is mixed as above: 80 to 110 steps off.
+#   node): the QAT model rounds it to that range and then to the concatenation's, the file once, to
+#   the concatenation's: 80 to 110 steps off.
 # RELU_REQUANTIZE: a ReLU or ReLU6 layer that cannot fuse into the op before it (a convolution with
 #   its own relu activation, another ReLU) and whose output only feeds a Concatenate is written at
 #   the concatenation's scale. When that scale is more than twice its input's, TFLite's int8 RELU and
@@ -128,7 +124,6 @@ class Scope:
         self.graph = graph
         self.prefix = prefix
         self.tensors = [(input_name, shape)]  # (variable name, (size, channels)): square feature maps
-        self.concat_inputs = set()  # tensors a Concatenate reads: nothing else may read them (CONCAT_MIXED_SCALES)
 
     @property
     def last(self):
@@ -148,14 +143,10 @@ class Scope:
         return name, shape
 
     def earlier(self, predicate, exclude=None):
-        """Tensors other than `exclude` whose shape satisfies `predicate`, that another layer may read."""
-        return [
-            t for t in self.tensors
-            if t[0] != exclude and predicate(t[1]) and (KNOWN_BUGS or t[0] not in self.concat_inputs)
-        ]
+        """Tensors other than `exclude` whose shape satisfies `predicate`."""
+        return [t for t in self.tensors if t[0] != exclude and predicate(t[1])]
 
     def concatenate(self, inputs, shape):
-        self.concat_inputs.update(inputs)
         return self.call("layers.Concatenate()", inputs, shape)
 
 
@@ -269,9 +260,9 @@ def _block(draw, scope, nested_allowed):
 
     elif kind == "concat":
         skips = scope.earlier(lambda shape: shape[0] == size, exclude=x)
-        # CONCAT_MIXED_SCALES: x reads on elsewhere (or is the model input), and so does an earlier tensor.
-        mixed = ["branch"] + (["skip"] if skips else []) if KNOWN_BUGS else []
-        variant = draw(st.sampled_from(["branches"] + mixed))
+        # x read elsewhere too (or the model input), or an earlier tensor read elsewhere too: the
+        # concatenation then has inputs with ranges of their own beside inputs it alone rounds.
+        variant = draw(st.sampled_from(["branches", "branch"] + (["skip"] if skips else [])))
         if variant == "branches":  # [conv_a(x), conv_b(x)]
             a, (_, filters_a) = _unit(draw, scope, x, (size, channels), preserve=True, into_concat=True)
             b, (_, filters_b) = _unit(draw, scope, x, (size, channels), preserve=True, into_concat=True)
@@ -461,11 +452,6 @@ KNOWN_BUG_GRAPHS = {
         "t4 = layers.Add()([shared3(t1), shared3(t2)])",
         "t5 = layers.GlobalAveragePooling2D()(t4)",
     ],
-    "CONCAT_MIXED_SCALES": [
-        't1 = layers.Conv2D(2, 3, padding="same", kernel_initializer=keras.initializers.Constant(-1.0))(inputs)',
-        "t2 = layers.Concatenate()([t1, inputs])",
-        "t5 = layers.Flatten()(t2)",
-    ],
     "CONCAT_FOLDED_BATCHNORM": [
         "t1 = layers.Conv2D(2, 1)(inputs)",
         "t2 = layers.BatchNormalization(momentum=0.9)(t1)",
@@ -500,3 +486,38 @@ def test_a_dead_activation_exports_a_file_litert_loads():
     ]
     graph.outputs = [("head0", HEAD_UNITS[0], False)]
     check_graph(graph)
+
+
+def _check_lines(lines):
+    """`check_graph` for the model of `lines` (ending in a tensor `t5`) with a digits head, on 8x8x1
+    digits."""
+    graph = Graph(seed=0, channels=1)
+    graph.lines = lines + ['head0 = layers.Dense(10, name="head0")(t5)']
+    graph.outputs = [("head0", HEAD_UNITS[0], False)]
+    return check_graph(graph)
+
+
+def test_a_concatenation_of_the_model_input_and_a_convolution_matches_its_file():
+    """The convolution's output, which only the concatenation reads, is rounded once, to the
+    concatenation's range; the model input keeps its own range and is requantized to it. The file
+    once wrote the concatenation at the input's [0, 1] range, clipping the convolution's negative
+    outputs (up to 150 output steps off)."""
+    _check_lines([
+        't1 = layers.Conv2D(2, 3, padding="same", kernel_initializer=keras.initializers.Constant(-1.0))(inputs)',
+        "t2 = layers.Concatenate()([t1, inputs])",
+        "t5 = layers.Flatten()(t2)",
+    ])
+
+
+def test_a_concatenation_beside_a_convolution_of_a_pooled_tensor_matches_its_file():
+    """A max pooling's output read by a convolution and by a concatenation: the converter requantizes
+    it to the concatenation's scale for the concatenation alone; the convolution reads it at its own
+    scale, as in the QAT model. Without a fake-quant of the pooled output in the export trace, the
+    converter requantized it for both readers (1 to 3 output steps off)."""
+    _check_lines([
+        't1 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
+        "t2 = layers.MaxPooling2D(2)(t1)",
+        't3 = layers.Conv2D(4, 3, padding="same", kernel_initializer=keras.initializers.Constant(-1.0))(t2)',
+        "t4 = layers.Concatenate()([t2, t3])",
+        "t5 = layers.Flatten()(t4)",
+    ])

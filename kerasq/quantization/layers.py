@@ -124,6 +124,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         object.__setattr__(self, "_input_ranges", (None,) * len(per_call))
         # The (wrapper, call index) that quantizes a call's output for it (a fused ReLU), if any.
         object.__setattr__(self, "_output_quantized_by", (None,) * len(per_call))
+        # Per call: whether a concatenation reads the output (of a pass-through or same-scale op).
+        object.__setattr__(self, "_read_by_concatenation", (False,) * len(per_call))
 
     @property
     def calls(self):
@@ -145,13 +147,20 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return super().__call__(inputs, *args, **kwargs)
 
     def _tell_producer_it_is_quantized_here(self, inputs, index):
-        producer, call_kwargs = _keras_private.producing_call(inputs)
-        if isinstance(producer, QuantizeWrapper):
-            producer_index = call_kwargs.get("call_index", 0)
-            if producer._output_quantizers[producer_index] is None:
-                quantized_by = list(producer._output_quantized_by)
-                quantized_by[producer_index] = (self, index)
-                object.__setattr__(producer, "_output_quantized_by", tuple(quantized_by))
+        # A concatenation quantizes each of its inputs that has no range of its own.
+        several = self.handler.producers_take_output_scale and isinstance(inputs, (list, tuple))
+        for tensor in inputs if several else (inputs,):
+            producer, call_kwargs = _keras_private.producing_call(tensor)
+            if isinstance(producer, QuantizeWrapper):
+                producer_index = call_kwargs.get("call_index", 0)
+                if several and producer._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
+                    read = list(producer._read_by_concatenation)
+                    read[producer_index] = True
+                    object.__setattr__(producer, "_read_by_concatenation", tuple(read))
+                if producer._output_quantizers[producer_index] is None:
+                    quantized_by = list(producer._output_quantized_by)
+                    quantized_by[producer_index] = (self, index)
+                    object.__setattr__(producer, "_output_quantized_by", tuple(quantized_by))
 
     def _check_call_index(self, index):
         if not isinstance(index, int) or not 0 <= index < self.calls:
@@ -224,7 +233,48 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = type(outputs)((first, *outputs[1:]))
         elif output_quantizer is not None:
             outputs = output_quantizer(outputs, ranges["output"], training=training, enabled=self.quantization_enabled)
+        elif is_tracing_for_export():
+            outputs = self._quantize_at_concatenation_range(outputs, call_index)
         return outputs
+
+    def _quantize_at_concatenation_range(self, outputs, call_index):
+        """For the export trace: `outputs` fake-quantized with the range of the concatenation that
+        rounds them in the QAT model (the one op they feed, through pass-through ops), if any.
+
+        The converter writes a concatenation and its inputs at one scale. Which one it picks depends
+        on the fake-quant ops around it: with an input that has a range of its own (the model input, a
+        tensor other layers read too) and one that has none, it takes the former's scale for the
+        concatenation and this input, clips this input's values to that range and requantizes the
+        concatenation after it. With every input quantized it takes the concatenation's own scale,
+        writes this input directly at that scale and requantizes the others to it (QUANTIZE ops): the
+        QAT model's arithmetic, where this input is rounded once, to the concatenation's range. The
+        fake-quant added here is that range, so it changes no value.
+        """
+        if not self.quantization_enabled:
+            return outputs
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
+            # Read by a concatenation, the output of a pass-through op (a max pooling) is quantized with
+            # its own range (its input's), which changes no value: without it the converter would
+            # requantize that op's output to the concatenation's scale for all its readers, and a
+            # convolution beside the concatenation would read the coarser values.
+            source = self.output_range_of(call_index)
+            if source is None or not self._read_by_concatenation[call_index]:
+                return outputs
+            return source[0](outputs, source[1], training=False)
+        wrapper, index = self, call_index
+        while True:
+            quantized_by = wrapper._output_quantized_by[index]
+            if quantized_by is None:
+                return outputs
+            wrapper, index = quantized_by
+            if wrapper._output_quantizers[index] is not None:
+                break
+            if wrapper._policy != handlers_lib.PASS_THROUGH:
+                return outputs
+        if not (wrapper.handler.producers_take_output_scale and wrapper.quantization_enabled):
+            return outputs
+        quantizer, state = wrapper.output_range_of(index)
+        return quantizer(outputs, state, training=False)
 
     def _quantize_activation(self, x, state, training):
         return self.scheme.activations(x, state, training=training, enabled=self.quantization_enabled)
