@@ -596,9 +596,12 @@ def _producer_taking_scale(graph, node, steps):
     """
     while True:
         step = steps.get(node.id)
-        if step is None or step.action != _WRAP:
+        if step is None or graph.is_model_output(node) or len(graph.consumers(node)) != 1:
             return None
-        if graph.is_model_output(node) or len(graph.consumers(node)) != 1:
+        if step.action == _FOLDED:  # a BatchNorm folded into the op before it: that op writes its output
+            node = graph.nodes[node.input_refs[0].node]
+            continue
+        if step.action != _WRAP:
             return None
         policy = step.handler.output_policy(_unannotated(node.layer))[0]
         if policy == handlers_lib.QUANTIZE:
