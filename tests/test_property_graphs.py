@@ -26,19 +26,14 @@ draws the graphs that meet the known bugs listed below, which the default run le
 """
 
 # KNOWN BUGS. The default run leaves out the graphs that meet these kerasq bugs (each exclusion in
-# the generator names its bug); KERASQ_PROPERTY_KNOWN_BUGS=1 draws them too. `test_known_bug` pins
-# one of them with their smallest graphs as strict xfails, so a fix shows up as XPASS: then drop
-# the exclusion and the xfail, and make the graph a regression test (at the end of this file).
+# the generator names its bug); KERASQ_PROPERTY_KNOWN_BUGS=1 draws them too. A bug fixed becomes a
+# regression test of its smallest graph (at the end of this file) and its exclusion goes.
 #
-# Fixed: CONCAT_MIXED_SCALES (a concatenation of an input with a range of its own and one it alone
-# rounds was written at the former's scale, clipping the latter), CONCAT_FOLDED_BATCHNORM (a
-# convolution with a folded BatchNorm feeding a concatenation was rounded twice).
+# Fixed: SHARED_BATCHNORM (a BatchNormalization called more than once stayed float in the file),
+# CONCAT_MIXED_SCALES (a concatenation of an input with a range of its own and one it alone rounds
+# was written at the former's scale, clipping the latter), CONCAT_FOLDED_BATCHNORM (a convolution
+# with a folded BatchNorm feeding a concatenation was rounded twice).
 #
-# SHARED_BATCHNORM: a BatchNormalization called more than once (on its own, or inside a Sequential
-#   model called twice) stays float in the file: DEQUANTIZE, MUL, ADD, QUANTIZE for each call.
-#   `_standalone_batchnorm_rank` (kerasq/quantization/quantize.py) runs a BatchNorm with nothing to
-#   fold into as an int8 DEPTHWISE_CONV_2D only when it is called once, and a BatchNorm after a
-#   shared convolution is not folded into it either.
 # RELU_REQUANTIZE: a ReLU or ReLU6 layer that cannot fuse into the op before it (a convolution with
 #   its own relu activation, another ReLU) and whose output only feeds a Concatenate is written at
 #   the concatenation's scale. When that scale is more than twice its input's, TFLite's int8 RELU and
@@ -46,7 +41,7 @@ draws the graphs that meet the known bugs listed below, which the default run le
 #   high multiply on the int8 value, then a rounding shift), so values a little under half a step
 #   past a grid point round up; kerasq rounds once, to nearest. One step on 5-20% of those values: the
 #   output's mean difference is 2-3 times the floor's, and deeper graphs go past the floor's maximum.
-#   Not pinned by `test_known_bug`: whether a graph's output fails depends on its floor.
+#   Not pinned by a test: whether a graph's output fails depends on its floor.
 # SOFTMAX_STEPS (the parity criterion rather than the simulation): a softmax head's logits may be
 #   one step apart in Keras and in the file, as any output may, and the softmax turns that into
 #   up to 3 steps of its output, past max(1 step, the floor) when the kernel paths agree on the
@@ -281,8 +276,6 @@ def _block(draw, scope, nested_allowed):
             codes, out_shape = _unit_layers(draw, size, channels)
         if not model:
             codes = codes[:1]
-        elif not KNOWN_BUGS:
-            codes = [code for code in codes if code != BATCHNORM]  # SHARED_BATCHNORM
         merge = draw(st.sampled_from(["Add", "Concatenate"])) if variant == "branches" else None
         if merge == "Concatenate":
             codes = _concat_input(codes)
@@ -408,7 +401,8 @@ def _settings(test):
 
 
 def check_graph(graph):
-    """Quantizes, trains one step, exports and verifies `graph`'s model; raises on any failure."""
+    """Quantizes, trains one step, exports and verifies `graph`'s model; raises on any failure.
+    Returns the file, as a `kerasq.TFLiteModel`."""
     (x_train, y_train), (x_test, _) = _digits()
     keras.backend.clear_session()
     model = graph.build()
@@ -427,7 +421,7 @@ def check_graph(graph):
     assert all(q is not None for q in tflite.output_quantization), f"int8 outputs expected\n{summary}\n{graph.code}"
     report = kerasq.verify_tflite(qat, kerasq.TFLiteModel(content), _images(x_test, graph.channels))
     assert report.passed, f"{report}\n{graph.code}"
-    return report
+    return tflite
 
 
 @pytest.mark.filterwarnings("ignore:Warning. the model is numerically fragile")  # one step of training
@@ -435,30 +429,6 @@ def check_graph(graph):
 @given(graph=graphs())
 def test_random_graph_exports_fully_integer_at_the_parity_floor(graph):
     check_graph(graph)  # a failing graph is printed as its code: `graph=` in the falsifying example
-
-
-# The smallest graph of each known bug (see KNOWN BUGS at the top), on 8x8x1 digits.
-KNOWN_BUG_GRAPHS = {
-    "SHARED_BATCHNORM": [
-        't1 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
-        't2 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
-        "shared3 = layers.BatchNormalization(momentum=0.9)",
-        "t4 = layers.Add()([shared3(t1), shared3(t2)])",
-        "t5 = layers.GlobalAveragePooling2D()(t4)",
-    ],
-}
-
-
-@pytest.mark.parametrize("bug", sorted(KNOWN_BUG_GRAPHS))
-@pytest.mark.filterwarnings(
-    "ignore:The exported file is not fully integer", "ignore:Warning. the model is numerically fragile"
-)
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError), reason="a known kerasq bug (KNOWN BUGS)")
-def test_known_bug(bug):
-    graph = Graph(seed=0, channels=1)
-    graph.lines = KNOWN_BUG_GRAPHS[bug] + ['head0 = layers.Dense(10, name="head0")(t5)']
-    graph.outputs = [("head0", HEAD_UNITS[0], False)]
-    check_graph(graph)
 
 
 def test_a_dead_activation_exports_a_file_litert_loads():
@@ -521,3 +491,30 @@ def test_a_convolution_with_a_folded_batchnorm_takes_the_concatenation_range():
         "t4 = layers.Concatenate()([t2, t3])",
         "t5 = layers.Flatten()(t4)",
     ])
+
+
+def test_a_batchnorm_called_twice_runs_int8():
+    """A BatchNormalization with nothing to fold into, called twice, runs as an int8 depthwise
+    convolution for each call (each with its own output range); it stayed float in the file
+    (DEQUANTIZE, MUL, ADD, QUANTIZE)."""
+    _check_lines([
+        't1 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
+        't2 = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)',
+        "shared3 = layers.BatchNormalization(momentum=0.9)",
+        "t4 = layers.Add()([shared3(t1), shared3(t2)])",
+        "t5 = layers.GlobalAveragePooling2D()(t4)",
+    ])
+
+
+def test_a_shared_convolution_and_batchnorm_fold():
+    """A Sequential model of a convolution and a BatchNormalization, called twice: the BatchNorm
+    folds into the convolution, whose two calls deploy the same folded kernel; no separate op for
+    the BatchNorm."""
+    tflite = _check_lines([
+        "shared1 = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(4, 3, padding=\"same\"), "
+        "layers.BatchNormalization(momentum=0.9), layers.ReLU()], name=\"shared1\")",
+        't2 = layers.MaxPooling2D(3, strides=1, padding="same")(inputs)',
+        "t3 = layers.Add()([shared1(inputs), shared1(t2)])",
+        "t5 = layers.GlobalAveragePooling2D()(t3)",
+    ])
+    assert tflite.ops.count("CONV_2D") == 2 and "DEPTHWISE_CONV_2D" not in tflite.ops, tflite.ops

@@ -46,17 +46,19 @@ def foldable_batchnorm(graph, node):
     """The BatchNormalization node that can be folded into `node`'s kernel, or None.
 
     It must be `node`'s only consumer, normalize `node`'s channel axis with one entry per channel
-    `node` produces, and both must be called once; `node` must produce its channels with kernels and
-    no activation (a BatchNorm after a ReLU does not fold into the Conv before it).
+    `node` produces, and both must be called once, or equally often with each call of `node`'s layer
+    read by a call of the BatchNorm alone (a shared Conv-BN pair, e.g. a Sequential model called
+    twice: every call deploys the same folded kernel); `node` must produce its channels with kernels
+    and no activation (a BatchNorm after a ReLU does not fold into the Conv before it).
     """
     layer = unwrap(node.layer)
     layer_facts = facts_lib.layer_facts(layer) if isinstance(layer, keras.layers.Layer) else None
-    if layer_facts is None or not layer_facts.kernels or graph.calls_of(node.layer) != 1:
+    if layer_facts is None or not layer_facts.kernels:
         return None
     if _activation_name(layer) not in ("linear", None):
         return None
     candidate = sole_consumer(graph, node)
-    if candidate is None or graph.calls_of(candidate.layer) != 1:
+    if candidate is None or not _called_together(graph, node, candidate):
         return None
     batchnorm = unwrap(candidate.layer)
     if not isinstance(batchnorm, keras.layers.BatchNormalization):
@@ -68,6 +70,17 @@ def foldable_batchnorm(graph, node):
     if batchnorm.moving_mean.shape[0] != output_channels(layer, layer_facts):
         return None
     return candidate
+
+
+def _called_together(graph, node, consumer):
+    """True when `node`'s layer and `consumer`'s are called once each, or equally often with every
+    call of `node`'s layer read by a call of `consumer`'s alone."""
+    calls = graph.calls_of(node.layer)
+    if graph.calls_of(consumer.layer) != calls:
+        return False
+    return all(
+        getattr(sole_consumer(graph, each), "layer", None) is consumer.layer for each in graph.nodes_of(node.layer)
+    )
 
 
 def _activation_name(layer):

@@ -567,9 +567,10 @@ def _standalone_batchnorm_rank(graph, node, step):
     """The input rank of a BatchNormalization with no Conv/Dense to fold into, or of an affine
     preprocessing layer (Rescaling, Normalization), when it can run as a 1x1 depthwise convolution
     with itself folded in (int8 in the file; else MUL/ADD stay float). Rank 2 inputs run as
-    length-1 sequences."""
+    length-1 sequences. A layer called several times runs as one depthwise convolution called as
+    often, each call with its own ranges."""
     layer = _unannotated(node.layer)
-    if not step.scheme.fold_batchnorm or graph.calls_of(node.layer) != 1:
+    if not step.scheme.fold_batchnorm:
         return None
     if isinstance(layer, keras.layers.BatchNormalization):
         rank = _channels_last_rank(layer)
