@@ -3,6 +3,8 @@
 `tests/test_keras_private.py` fails loudly when a Keras release changes any of them.
 """
 
+import inspect
+
 from keras.src.models.functional import Functional  # noqa: F401  (no public alias exists)
 from keras import KerasTensor
 
@@ -60,3 +62,29 @@ def track_for_tf_checkpoints(layer, variables):
         return
     for variable in variables:
         track(variable, name=variable.name)
+
+
+def take_keywords_apart(wrapper, layer):
+    """Makes `wrapper.call(inputs, *args, **kwargs)` take the keyword arguments of `layer.call` one
+    by one, as `layer` does.
+
+    Keras binds a layer's call arguments to the signature it recorded for `call` and takes `**kwargs`
+    as one nested argument, which may not mix tensors and non-tensors (MultiHeadAttention's
+    `attention_mask=m, use_causal_mask=True`). The wrapped layer's parameters, recorded as keyword
+    parameters of the wrapper's signature, are bound one by one. `mask` is left out: Keras would fill
+    it from the inputs' Keras masks.
+    """
+    signature = wrapper._call_signature
+    own = list(signature.parameters.values())
+    taken = {parameter.name for parameter in own} | {"mask"}
+    keywords = [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                          default=None if parameter.default is parameter.empty else parameter.default)
+        for parameter in list(inspect.signature(layer.call).parameters.values())[1:]
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and parameter.name not in taken
+    ]
+    if not keywords:
+        return
+    last = len(own) - (own[-1].kind == inspect.Parameter.VAR_KEYWORD)
+    wrapper._call_signature = signature.replace(parameters=own[:last] + keywords + own[last:])

@@ -101,3 +101,31 @@ def test_build_input_shapes_of_a_built_subclassed_model():
     assert _keras_private.build_input_shapes(model) is None
     model(np.ones((3, 4), "float32"))
     assert tuple(_keras_private.build_input_shapes(model)) == (3, 4)
+
+
+def test_take_keywords_apart_lets_a_wrapper_mix_tensors_and_flags():
+    """Keras takes a call's `**kwargs` as one nested argument that may not mix tensors and flags;
+    the wrapped layer's parameters recorded in the wrapper's signature are bound one by one."""
+    from kerasq import _keras_private
+
+    class Passing(keras.layers.Wrapper):
+        def __init__(self, layer, apart, **kwargs):
+            super().__init__(layer, **kwargs)
+            if apart:
+                _keras_private.take_keywords_apart(self, layer)
+
+        def call(self, inputs, *args, **kwargs):
+            return self.layer(inputs, *args, **kwargs)
+
+    x, m = keras.Input((4, 8)), keras.Input((4, 4), dtype="bool")
+    for apart in (False, True):
+        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+        attention(x, x)  # built
+        wrapper = Passing(attention, apart)
+        try:
+            wrapper(x, x, attention_mask=m, use_causal_mask=True)
+            mixed = True
+        except ValueError as error:
+            assert "cannot mix tensors and non-tensors" in str(error)
+            mixed = False
+        assert mixed is apart

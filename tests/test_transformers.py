@@ -197,6 +197,33 @@ def test_variants_with_quantization_off_compute_what_keras_computes():
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
 
 
+def test_a_mask_tensor_and_flags_in_one_call():
+    """`attention_mask=m, use_causal_mask=True, return_attention_scores=True`: a tensor and flags
+    in one call's keyword arguments, which Keras binds apart only where the signature names them.
+    Keras's values with quantization off, fully int8 at the floor with it on."""
+    keras.utils.set_random_seed(4)
+    tokens, given = keras.Input((6, 8)), keras.Input((6, 6), dtype="bool")
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    attended, scores = attention(tokens, tokens, attention_mask=given, use_causal_mask=True,
+                                 return_attention_scores=True)
+    model = keras.Model([tokens, given], [attended, scores])
+    rng = np.random.default_rng(0)
+    mask = rng.uniform(size=(64, 6, 6)) < 0.7
+    mask[:, :, 0] = True  # every query sees some key
+    inputs = [rng.normal(size=(64, 6, 8)).astype("float32"), mask]
+    off = kerasq.quantize_model(model)
+    for layer in off.layers:
+        if isinstance(layer, (kerasq.Quantize, kerasq.QuantizeWrapper)):
+            layer.quantization_enabled = False
+    for ours, theirs in zip(off(inputs), model(inputs)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
+    qat = kerasq.quantize_model(model, calibration_data=inputs)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.is_fully_integer, tflite.float_tensors
+    report = kerasq.verify_tflite(qat, tflite, inputs)
+    assert report.passed, str(report)
+
+
 def test_masked_attention_is_int8_at_the_floor(digits):
     """Each digit as a sentence of 64 tokens with the background (0) masked out of attention
     (Embedding(mask_zero=True)) and a causal mask: SELECT_V2 in int8, as in post-training int8."""
