@@ -121,6 +121,15 @@ def _layer_alone(kind):
     if kind == "attention_axes":
         inputs = keras.Input((4, 2, 16))
         return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, attention_axes=(1, 2))(inputs, inputs)
+    if kind == "causal_attention_axes":  # causal along axis 1, the same for each position on axis 2
+        inputs = keras.Input((4, 2, 16))
+        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, attention_axes=(1,))
+        return inputs, attention(inputs, inputs, use_causal_mask=True)
+    if kind == "masked_attention_axes":  # a different mask for each position on axis 2
+        inputs = keras.Input((4, 2, 16))
+        mask = np.stack([np.tril(np.ones((4, 4), bool)), np.eye(4, dtype=bool) | ~np.tril(np.ones((4, 4), bool))])
+        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, attention_axes=(1,))
+        return inputs, attention(inputs, inputs, attention_mask=mask[None])
     inputs = keras.Input((8, 16))
     if kind == "attention":
         return inputs, keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inputs, inputs)
@@ -138,7 +147,7 @@ def _layer_alone(kind):
 
 
 _KEY_OPS = {"attention": "BATCH_MATMUL", "causal_attention": "SELECT_V2", "attention_axes": "TRANSPOSE",
-            "gated_attention": "LOGISTIC",
+            "causal_attention_axes": "SELECT_V2", "masked_attention_axes": "SELECT_V2", "gated_attention": "LOGISTIC",
             "layer_norm": "RSQRT", "layer_norm_axes": "RSQRT", "rms_norm": "RSQRT"}
 
 
@@ -148,7 +157,7 @@ def test_the_layer_alone_matches_the_default_kernels_bit_for_bit(kind):
     twice; the simulation did once, and put 2-4% of these outputs 1-5 steps off. Tokens spread 50
     times apart give LayerNormalization small variances, where RSQRT's double rounding shows. A
     causal mask is a SELECT_V2 of the lowest int8 score, attention over two axes a SOFTMAX over
-    both, a gate a LOGISTIC and a MUL, and a normalization over two axes MEANs over both, each int8
+    both, a mask over other axes broadcast and flattened as the scores are, a gate a LOGISTIC and a MUL, and a normalization over two axes MEANs over both, each int8
     and each to the bit."""
     keras.utils.set_random_seed(0)
     inputs, outputs = _layer_alone(kind)
@@ -195,6 +204,34 @@ def test_variants_with_quantization_off_compute_what_keras_computes():
     mask[:, :, 0] = True  # every unpadded query sees some key: no row masked throughout
     for ours, theirs in zip(qat([ids, mask]), model([ids, mask])):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
+
+
+def test_masks_over_other_axes_with_quantization_off_compute_what_keras_computes():
+    """Masks with other attention_axes: given for each sample over two axes (with the scores
+    returned), causal along one axis, and the same for every sample but different along the axis
+    not attended: Keras's values with quantization switched off."""
+    keras.utils.set_random_seed(3)
+    grid, given = keras.Input((3, 2, 8)), keras.Input((3, 2, 3, 2), dtype="bool")
+    over_both = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2))
+    attended, scores = over_both(grid, grid, attention_mask=given, return_attention_scores=True)
+    causal = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1,))(
+        attended, grid, use_causal_mask=True)
+    per_column = np.stack([np.tril(np.ones((3, 3), bool)), np.triu(np.ones((3, 3), bool))])[None]
+    columns = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1,))(
+        causal, causal, attention_mask=per_column)
+    model = keras.Model([grid, given], [attended, scores, causal, columns])
+    qat = kerasq.quantize_model(model)
+    for layer in qat.layers:
+        if isinstance(layer, (kerasq.Quantize, kerasq.QuantizeWrapper)):
+            layer.quantization_enabled = False
+    rng = np.random.default_rng(0)
+    mask = rng.uniform(size=(4, 3, 2, 3, 2)) < 0.7
+    mask[..., 0, 0] = True  # every query sees some key
+    inputs = [rng.normal(size=(4, 3, 2, 8)).astype("float32"), mask]
+    for ours, theirs in zip(qat(inputs), model(inputs)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-5)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(kerasq.quantize_model(model, calibration_data=inputs)))
+    assert tflite.is_fully_integer, tflite.float_tensors
 
 
 def test_a_mask_tensor_and_flags_in_one_call():

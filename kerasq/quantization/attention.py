@@ -17,9 +17,11 @@ over other axes (`attention_axes`, inputs of rank 4 or more) transposes and resh
 key and value so that the attended axes form one sequence and the others join the batch: the same
 BATCH_MATMULs and one SOFTMAX over all attended positions, with int8 TRANSPOSE and RESHAPE ops
 around them. `return_attention_scores=True` returns the SOFTMAX's int8 output (scale 1/256) as well.
-A gate (`use_gate=True`) is a FULLY_CONNECTED, a LOGISTIC and a MUL on the context. Masks over other
-axes than the one sequence axis of (batch, sequence, features) inputs run in float between the
-quantized layers around them.
+A mask over other axes is broadcast as Keras broadcasts it to the scores (batch, <other axes>,
+heads, <attended target axes>, <attended source axes>) and flattened as the scores are; one that
+differs along the other axes but not the batch selects from the scores with the other axes apart
+(an int8 RESHAPE on either side of the SELECT_V2). A gate (`use_gate=True`) is a FULLY_CONNECTED,
+a LOGISTIC and a MUL on the context.
 
 Example:
 >>> import keras, kerasq
@@ -63,7 +65,7 @@ class MultiHeadAttentionHandler(LayerHandler):
                 arguments[name + "_mask"] = getattr(tensor, "_keras_mask", None)
         masked = any(v is not None and v is not False for v in arguments.values())
         masked = masked or getattr(layer, "_sliding_window", None) is not None
-        if kwargs or (masked and not _default_layout(layer)):
+        if kwargs:
             return layer(query, value, key, training=training, return_attention_scores=return_scores,
                          **arguments, **kwargs)  # runs in float
         mask = None
@@ -83,12 +85,14 @@ class MultiHeadAttentionHandler(LayerHandler):
         k, v = source.to_sequence(k), source.to_sequence(v)  # (batch x other axes, source, heads, size)
         scores = _batch_matmul(simulation, _SCORES, q, "query", k, "key", "scores")
         if mask is not None:
-            scores = _masked(simulation, scores, mask)
+            mask, groups = layout.mask(mask, source)
+            scores = _masked(simulation, scores, mask, groups)
         probabilities = simulation.fixed(ops.softmax(scores, axis=-1), UNIT_RANGE)
-        if mask is not None and (return_scores or layer._dropout > 0.0):
-            # Keras's masked softmax, which it runs here rather than its fused attention, zeroes the
-            # masked weights (a query masked throughout attends to nothing): one SELECT_V2 more.
-            probabilities = simulation.fixed(ops.where(_over_heads(mask), probabilities, 0.0), UNIT_RANGE)
+        if mask is not None and (return_scores or layer._dropout > 0.0 or not layout.plain):
+            # Keras's masked softmax, which it runs here rather than its fused attention (always over
+            # other axes), zeroes the masked weights (a query masked throughout attends to nothing):
+            # one SELECT_V2 more.
+            probabilities = simulation.fixed(_grouped(ops.where, groups, mask, probabilities, 0.0), UNIT_RANGE)
         dropped = layer._dropout_layer(probabilities, training=training)
         context = _batch_matmul(simulation, _CONTEXT, dropped, UNIT_RANGE, v, "value", "context")
         context = layout.from_sequence(context)
@@ -127,13 +131,6 @@ def _projects(dense, bound):
     return kernel.startswith(contracted) and outputs == free + kernel[bound:] and not set(free) & set(kernel)
 
 
-def _default_layout(layer):
-    """Attention over the one sequence axis of (batch, sequence, features) inputs."""
-    return tuple(layer._attention_axes) == (1,) and len(layer._query_dense.kernel.shape) == 3 and (
-        layer._query_dense.equation == "abc,cde->abde"
-    )
-
-
 class _Layout:
     """Where the attended axes of a projected (batch, <index axes>, heads, size) tensor are: the
     other index axes join the batch, the attended ones form one sequence."""
@@ -164,6 +161,33 @@ class _Layout:
             x = ops.transpose(x, inverse)
         return x
 
+    def mask(self, mask, source):
+        """Keras's attention mask over the flattened scores (batch x other axes, heads, target,
+        source), and None; or, for a mask the same for every batch that differs along the other
+        axes, over (1, other axes, heads, target, source) and the number of other positions. Keras
+        inserts axes before the attended ones until the mask has the scores' rank (batch, <other
+        axes>, heads, <target axes>, <source axes>); its attended axes are broadcast and flattened,
+        its other axes joined to its batch."""
+        mask = ops.cast(mask, "bool")
+        rank = 2 + len(self.others) + 2 * len(self.axes)
+        for _ in range(rank - len(mask.shape)):
+            mask = ops.expand_dims(mask, -2 * len(self.axes) - 1)
+        if self.plain:
+            return mask, None
+        others = tuple(self.shape[a] for a in self.others)
+        target = tuple(self.shape[a] for a in self.axes)
+        attended = target + tuple(source.shape[a] for a in source.axes)
+        if tuple(mask.shape[len(others) + 2:]) != attended:
+            mask = ops.logical_and(mask, ops.ones((1,) * (len(others) + 2) + attended, "bool"))
+        shared, kept = mask.shape[0] == 1, tuple(mask.shape[1:len(others) + 1])  # shared: by every batch
+        if kept != others and not (shared and _size(kept) == 1):
+            mask = ops.logical_and(mask, ops.ones((1,) + others + (1,) * (rank - 1 - len(others)), "bool"))
+            kept = others
+        heads, flat = mask.shape[len(others) + 1], (_size(target), _size(attended) // _size(target))
+        if shared and _size(kept) > 1:
+            return ops.reshape(mask, (1, _size(others), heads) + flat), _size(others)
+        return ops.reshape(mask, (-1, heads) + flat), None
+
     def scores(self, probabilities, source):
         """(batch x others, heads, target, source) as Keras returns attention scores: (batch,
         <other axes>, heads, <attended target axes>, <attended source axes>)."""
@@ -174,28 +198,36 @@ class _Layout:
         return ops.reshape(probabilities, (-1,) + shape)
 
 
-def _masked(simulation, scores, mask):
-    """The int8 scores where `mask` (batch or 1, target, source) holds, else the lowest value of
-    their range: SELECT_V2 with a constant that quantizes to -128, as the converter makes of Keras's
+def _masked(simulation, scores, mask, groups=None):
+    """The int8 scores where `mask` (see `_Layout.mask`) holds, else the lowest value of their range:
+    SELECT_V2 with a constant that quantizes to -128, as the converter makes of Keras's
     `where(mask, scores, -1e9)`. With quantization off, -1e9 as in Keras."""
-    mask = _over_heads(mask)
     if not simulation.enabled:
-        return ops.where(mask, scores, -1e9)
+        return _grouped(ops.where, groups, mask, scores, -1e9)
     if is_calibrating():
-        return ops.where(mask, scores, ops.min(scores))
+        return _grouped(ops.where, groups, mask, scores, ops.min(scores))
     quantizer, state = simulation._wrapper.scheme.activations, simulation._ranges["scores"]
     low, high = quantizer.range(state)
     lowest = keras.quantizers.fake_quant_with_min_max_vars(
         low - (high - low), low, high, num_bits=quantizer.bits, narrow_range=quantizer.symmetric
     )
-    masked = ops.where(mask, scores, ops.stop_gradient(lowest))
-    # The export trace rounds it to the scores' range again (no update): the converter quantizes
-    # SELECT_V2's output with it (the constant becomes -128), and leaves it in float without.
-    return quantizer(masked, state, training=False) if is_tracing_for_export() else masked
+
+    def select(mask, scores, lowest):
+        masked = ops.where(mask, scores, ops.stop_gradient(lowest))
+        # The export trace rounds it to the scores' range again (no update): the converter quantizes
+        # SELECT_V2's output with it (the constant becomes -128), and leaves it in float without.
+        return quantizer(masked, state, training=False) if is_tracing_for_export() else masked
+
+    return _grouped(select, groups, mask, scores, lowest)
 
 
-def _over_heads(mask):
-    return ops.expand_dims(ops.cast(mask, "bool"), 1)
+def _grouped(select, groups, mask, x, other):
+    """`select(mask, x, other)`, with x's (batch x other axes) split into (batch, other axes) for a
+    mask grouped by `_Layout.mask`."""
+    if groups is None:
+        return select(mask, x, other)
+    shape = tuple(x.shape[1:])
+    return ops.reshape(select(mask, ops.reshape(x, (-1, groups) + shape), other), (-1,) + shape)
 
 
 _SCORES = "abhd,achd->ahbc"  # (batch, heads, target, source)
