@@ -21,7 +21,7 @@ from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
-from kerasq.quantization import requantization, xnnpack
+from kerasq.quantization import fixed_point, requantization, xnnpack
 from kerasq.quantization.quantizers import is_calibrating, is_tracing_for_export
 
 QUANTIZE = "quantize"
@@ -132,11 +132,12 @@ class Simulation:
     `weight(w)` fake-quantizes a constant operand with one symmetric scale.
     """
 
-    def __init__(self, wrapper, ranges, training, input_range=None):
+    def __init__(self, wrapper, ranges, training, input_range=None, rounding_range=None):
         self._wrapper = wrapper
         self._ranges = ranges
         self.training = training
         self._input_range = input_range
+        self._rounding_range = rounding_range
 
     @property
     def enabled(self):
@@ -159,11 +160,21 @@ class Simulation:
     def step(self, name):
         """The scale of the learned range `name`, as the file holds it: the converter divides in
         float64, which is 1 ulp off TensorFlow's float32 scale for one range in ten or so."""
-        quantizer = self._wrapper.scheme.activations
-        low, high = (ops.cast(bound, "float64") for bound in quantizer.range(self._ranges[name]))
-        steps = 2.0**quantizer.bits - 1.0 - (1.0 if quantizer.symmetric else 0.0)
-        # divide_no_nan: Grappler would multiply by the constant's reciprocal, which rounds differently.
-        return ops.cast(ops.divide_no_nan(high - low, ops.cast(steps, "float64")), "float32")
+        return file_step(self._wrapper.scheme.activations, self._ranges[name])
+
+    @property
+    def rounding_step(self):
+        """The scale of the int8 tensor the file writes the layer's output to, as the file holds it:
+        its own learned range's, or where it has none, the range of the op that rounds it in the
+        QAT model (a concatenation, which the file writes it at). None when neither is known."""
+        if "output" in self._ranges:
+            return self.step("output")
+        return None if self._rounding_range is None else file_step(*self._rounding_range)
+
+    @property
+    def input_file_step(self):
+        """`input_step` as the file holds it (see `step`)."""
+        return None if self._input_range is None else file_step(*self._input_range)
 
     @property
     def input_step(self):
@@ -186,14 +197,41 @@ class Simulation:
         return self._wrapper.scheme.weights(w) if self.enabled else w
 
 
+def file_step(quantizer, state):
+    """The scale of `quantizer`'s range `state` as the file holds it: the converter divides in
+    float64, which is 1 ulp off TensorFlow's float32 scale for one range in ten or so."""
+    low, high = (ops.cast(bound, "float64") for bound in quantizer.range(state))
+    steps = 2.0**quantizer.bits - 1.0 - (1.0 if quantizer.symmetric else 0.0)
+    # divide_no_nan: Grappler would multiply by the constant's reciprocal, which rounds differently.
+    return ops.cast(ops.divide_no_nan(high - low, ops.cast(steps, "float64")), "float32")
+
+
 class ActivationHandler(LayerHandler):
-    """Activation layers: ranges fixed by TFLite where it fixes them, learned otherwise."""
+    """Activation layers: ranges fixed by TFLite where it fixes them, learned otherwise.
+
+    A ReLU or ReLU6 that does not fuse into the op before it is an int8 RELU/RELU6 op of its own,
+    which requantizes its input to its output's scale with TFLite's fixed-point multiplier
+    (`fixed_point.multiply_by_quantized_multiplier`): where the output's scale is more than twice
+    the input's (a ReLU written at a concatenation's scale), that rounds twice, and puts values a
+    little under half a step past a grid point on the step above. The QAT model does the same at
+    inference."""
+
+    simulated = True
 
     def output_policy(self, layer):
         name = _layer_activation_name(layer)
         if name == "linear":
             return PASS_THROUGH, None
         return _activation_output_policy(name)
+
+    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
+        name = _layer_activation_name(layer)
+        mirrors = name in ("relu", "relu6") and not (args or kwargs or simulation.training)
+        if mirrors and simulation.mirrors_int8_kernels:
+            input_step, output_step = simulation.input_file_step, simulation.rounding_step
+            if input_step is not None and output_step is not None:
+                return requantized_relu(inputs, input_step, output_step, 6.0 if name == "relu6" else None)
+        return self.run(layer, inputs, *args, **kwargs)
 
     def run(self, layer, inputs, *args, **kwargs):
         if isinstance(layer, layers.Activation) and not args and not kwargs:
@@ -215,6 +253,21 @@ def run_activation(activation, x):
         # relu6(x + 3) / 6, as Keras computes it: an int8 ADD with ReLU6 fused, then a MUL.
         return _int8_in_range(ops.relu6(x + 3.0), (0.0, 6.0)) / 6.0
     return activation(x)
+
+
+def requantized_relu(x, input_step, output_step, max_value=None):
+    """`relu(x)` (`relu6` with `max_value=6`) for `x` on the int8 grid of `input_step`, on the grid
+    of `output_step`, as TFLite's int8 RELU and RELU6 kernels compute it: the input's integer less its
+    zero point times `input scale / output scale` with `MultiplyByQuantizedMultiplier`, clamped at
+    the output's zero point (and at 6 on the output's grid, rounded)."""
+    levels = ops.round(x / input_step)
+    # As TFLite computes it: the file's float32 scales divided in float64.
+    multiplier = ops.cast(input_step, "float64") / ops.cast(output_step, "float64")
+    requantized = ops.maximum(fixed_point.multiply_by_quantized_multiplier(levels, multiplier), 0.0)
+    if max_value is not None:
+        top = ops.round(ops.cast(max_value, "float64") / ops.cast(output_step, "float64"))
+        requantized = ops.minimum(requantized, top)
+    return ops.cast(requantized, "float32") * output_step
 
 
 def _int8_in_range(x, fixed_range):

@@ -87,8 +87,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def __init__(self, layer, scheme="int8", batchnorm=None, quantize_output=True, **kwargs):
         super().__init__(layer, **kwargs)
-        # So that a call may mix tensors and flags in its keyword arguments, as the layer's may.
-        _keras_private.take_keywords_apart(self, layer)
         if isinstance(scheme, dict):
             scheme = keras.saving.deserialize_keras_object(scheme)
         if isinstance(batchnorm, dict):
@@ -219,7 +217,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.handler.has_kernels:
             outputs = self._call_kernels(inputs, ranges, training)
         elif self.handler.intermediate_ranges(self.layer) or self.handler.simulated:
-            simulation = handlers_lib.Simulation(self, ranges, training, self._input_ranges[call_index])
+            simulation = handlers_lib.Simulation(
+                self, ranges, training, self._input_ranges[call_index], self._concatenation_range(call_index)
+            )
             outputs = self.handler.run_simulated(self.layer, simulation, inputs, *args, **kwargs)
         else:
             outputs = self.handler.run(self.layer, inputs, *args, **kwargs)
@@ -263,20 +263,28 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if source is None or not self._read_by_concatenation[call_index]:
                 return outputs
             return source[0](outputs, source[1], training=False)
+        source = self._concatenation_range(call_index)
+        return outputs if source is None else source[0](outputs, source[1], training=False)
+
+    def _concatenation_range(self, call_index):
+        """`(quantizer, range variables)` of the concatenation that rounds call `call_index`'s output
+        in the QAT model, where the output has no range of its own and feeds the concatenation alone
+        (through pass-through ops); else None."""
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE):
+            return None
         wrapper, index = self, call_index
         while True:
             quantized_by = wrapper._output_quantized_by[index]
             if quantized_by is None:
-                return outputs
+                return None
             wrapper, index = quantized_by
             if wrapper._output_quantizers[index] is not None:
                 break
             if wrapper._policy != handlers_lib.PASS_THROUGH:
-                return outputs
+                return None
         if not (wrapper.handler.producers_take_output_scale and wrapper.quantization_enabled):
-            return outputs
-        quantizer, state = wrapper.output_range_of(index)
-        return quantizer(outputs, state, training=False)
+            return None
+        return wrapper.output_range_of(index)
 
     def _quantize_activation(self, x, state, training):
         return self.scheme.activations(x, state, training=training, enabled=self.quantization_enabled)
