@@ -148,7 +148,8 @@ def test_weight_quantizer_config_round_trip():
     restored = WeightQuantizer.from_config(quantizer.get_config())
     assert restored == quantizer
     assert restored.get_config() == {
-        "bits": 6, "per_channel": False, "narrow_range": True, "estimator": "max", "packed_int4": False
+        "bits": 6, "per_channel": False, "narrow_range": True, "estimator": "max", "packed_int4": False,
+        "learn_scale": False,
     }
     assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(quantizer)) == quantizer
     assert WeightQuantizer(bits=6) != quantizer

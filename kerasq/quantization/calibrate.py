@@ -36,7 +36,9 @@ def calibrate_ranges(model, data, batch_size=32):
         batch_size: samples per calibration batch: each batch gives one estimate per range, and
             the estimates are averaged.
 
-    Fixed ranges (softmax, sigmoid) are left as they are.
+    Fixed ranges (softmax, sigmoid) are left as they are. Learned weight steps
+    (`WeightQuantizer(learn_scale=True)`) start again from their estimator's step on the kernels as
+    they are now (a folded BatchNorm's scale included).
     """
     owners = quantized_layers(model)
     if not owners:
@@ -51,6 +53,8 @@ def calibrate_ranges(model, data, batch_size=32):
         for _, quantizer, state in layer.range_states():
             if quantizer.fixed_range is None:
                 state["seen"].assign(0.0)
+        for _, _, state in layer.weight_step_states():
+            state["seen"].assign(0.0)
     count = samples[0].shape[0]
     with calibrating():
         for start in range(0, count, batch_size):

@@ -4,7 +4,8 @@
   then quantized: tfmot's `quant_delay`.
 - `FreezeBatchNorm(at_epoch)`: from that epoch, folded BatchNorms normalize with their moving
   statistics and stop updating them, so the last epochs train the network that is deployed.
-- `FreezeRanges(at_epoch)`: from that epoch, activation ranges stop moving (learned ones too).
+- `FreezeRanges(at_epoch)`: from that epoch, activation ranges stop moving (learned ones too), and
+  so do learned weight steps.
 - `QuantizationSummaries(log_dir)`: each range, the share of activations it clips and each kernel's
   quantization error, to TensorBoard.
 
@@ -127,12 +128,13 @@ class FreezeBatchNorm(_QuantizationCallback):
 
 
 class FreezeRanges(_QuantizationCallback):
-    """From epoch `at_epoch` on, activation ranges stay where they are (learned ones too).
+    """From epoch `at_epoch` on, activation ranges stay where they are (learned ones too), and so
+    do learned weight steps (`WeightQuantizer(learn_scale=True)`).
 
-    The freeze is part of the model's state (each range's `seen` counter turns negative), so it
-    survives saving; `kerasq.calibrate_ranges` starts the ranges again. A frozen learned range gets
-    no gradient; while this callback runs it also undoes what an optimizer's momentum would still
-    move it by.
+    The freeze is part of the model's state (each range's or step's `seen` counter turns negative),
+    so it survives saving; `kerasq.calibrate_ranges` starts the ranges again. A frozen learned range
+    or step gets no gradient; while this callback runs it also undoes what an optimizer's momentum
+    would still move it by.
 
     Args:
         at_epoch: the first epoch (0-based) with fixed ranges.
@@ -157,6 +159,12 @@ class FreezeRanges(_QuantizationCallback):
                     state["seen"].assign(-max(seen, 1.0))
                 if quantizer.learn_range and not self._learned_includes(state["min"]):
                     self._learned += [(state[end], keras.ops.convert_to_numpy(state[end])) for end in ("min", "max")]
+            for _, _, state in layer.weight_step_states():
+                seen = float(keras.ops.convert_to_numpy(state["seen"]))
+                if seen >= 0:  # one not started yet (0) starts frozen (-0.5), where it is first used
+                    state["seen"].assign(-seen if seen > 0 else -0.5)
+                if abs(seen) >= 1 and not self._learned_includes(state["log_step"]):  # started: pin it
+                    self._learned.append((state["log_step"], keras.ops.convert_to_numpy(state["log_step"])))
 
     def on_train_batch_end(self, batch, logs=None):
         if self._learned:

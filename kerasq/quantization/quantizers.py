@@ -10,6 +10,11 @@ with are the ranges the exported file holds.
   data (`estimator`): by default an exponential moving average of each batch's minimum and maximum,
   started from the first batch seen; or the running extremes, percentiles, or the clipping that
   minimises the squared quantization error. Ranges can also be learned by gradient descent.
+- Learned step sizes (LSQ, Esser et al. 2020) for low bit widths: `WeightQuantizer(learn_scale=True)`
+  gives each kernel a trainable step per output channel (per tensor for Dense) and
+  `ActivationQuantizer(learn_range="lsq")` learns the range with LSQ+'s gradient for the scale and
+  zero point. The values are still those of TensorFlow's fake-quant op, bit for bit, so the file's
+  scales and zero points are the ones training rounded with; only the gradients change.
 
 `calibrating()` switches every activation quantizer to calibration: it records statistics of the float
 activations it sees (a running mean of each batch's estimate; running extremes for "minmax") and
@@ -20,6 +25,7 @@ import contextlib
 import contextvars
 
 import keras
+import numpy as np
 from keras import ops
 
 from kerasq import _keras_private
@@ -31,6 +37,8 @@ WEIGHT_ESTIMATORS = ("max", "mse")
 # Clipping candidates of the MSE estimators, as fractions of the full range: at 8 bits the best is
 # close to 1, at 2-4 bits often 0.4-0.8.
 _MSE_FRACTIONS = tuple(0.3 + 0.05 * i for i in range(15))
+
+LEARN_RANGE_CHOICES = (False, True, "lsq")
 
 # XNNPACK rejects a convolution whose input scale x weight scale / output scale is 256 or more; for a
 # dead ReLU after a convolution with weights up to 50 and an input range up to 6, this keeps it
@@ -117,6 +125,16 @@ class WeightQuantizer(_Configurable):
             bytes of int8). LiteRT's convolution kernels for INT4 weights do not compute the exact
             integer convolution: measured on the digits CNN, their outputs land 1-4 steps from the
             QAT model, where the same weights stored as int8 (the default) match it to the floor.
+        learn_scale: learn each kernel's step size (its scale) by gradient descent, as LSQ does
+            (Esser et al., "Learned Step Size Quantization", 2020): one trainable step per output
+            channel (per tensor for Dense), started from `estimator`'s range on the first training
+            batch (or at calibration), with LSQ's gradient scaled by 1/sqrt(weights per step x
+            (2^(b-1) - 1)); clipped weights get no gradient. The variable holds the step's logarithm
+            (as TQT's thresholds, Jain et al. 2019): optimizers that normalize their updates (Adam)
+            then change a step by a fraction of itself, where a learning rate of 1e-3 moved 8-bit
+            steps of 1e-4 through zero; its gradient is LSQ's times the step. With a folded BatchNorm
+            the step is the folded kernel's, the one the file stores. Kernels of attention,
+            LayerNormalization and PReLU keep `estimator`'s step. Needs `narrow_range=True`.
 
     Example:
     >>> import numpy as np
@@ -127,9 +145,17 @@ class WeightQuantizer(_Configurable):
     [[64, -127], [32, 13]]
     """
 
-    def __init__(self, bits=8, per_channel=True, narrow_range=True, estimator="max", packed_int4=False):
+    def __init__(self, bits=8, per_channel=True, narrow_range=True, estimator="max", packed_int4=False,
+                 learn_scale=False):
         _check_bits(bits, "WeightQuantizer")
         _check_choice(estimator, WEIGHT_ESTIMATORS, "WeightQuantizer estimator")
+        if not isinstance(learn_scale, (bool, np.bool_)):
+            raise ValueError(f"WeightQuantizer: learn_scale must be True or False; got {learn_scale!r}.")
+        if learn_scale and not narrow_range:
+            raise ValueError(
+                "WeightQuantizer(learn_scale=True) learns the step of TFLite's symmetric narrow-range weights "
+                "(zero point 0, integers |k| <= 2^(b-1) - 1); use narrow_range=True with it."
+            )
         if packed_int4 and not (bits <= 4 and narrow_range):
             raise ValueError(
                 f"packed_int4 stores narrow-range weights of 2 to 4 bits; got bits={bits}, "
@@ -140,22 +166,60 @@ class WeightQuantizer(_Configurable):
         self.narrow_range = bool(narrow_range)
         self.estimator = estimator
         self.packed_int4 = bool(packed_int4)
+        self.learn_scale = bool(learn_scale)
 
-    def __call__(self, weights, channel_axis=None):
-        """Fake-quantizes `weights`; `channel_axis=None` (or `per_channel=False`) means one scale."""
+    @property
+    def levels(self):
+        """2^(b-1) - 1: the largest integer a weight is stored as (LSQ's Qp)."""
+        return 2.0 ** (self.bits - 1) - 1.0
+
+    def build(self, layer, name, channels=None):
+        """Adds the learned step of kernel `name` to `layer` (for `learn_scale=True`) and returns
+        its state: `log_step` (the logarithm of the step: one per output channel, `channels` of
+        them, or one for None) and `seen`
+        (0: not started yet, the estimator's step is used and the first training batch or
+        calibration sets it; 1: learned; -1: frozen by `kerasq.FreezeRanges`; -0.5: frozen before
+        it started, it stays at the step it starts from)."""
+        shape = () if channels is None or not self.per_channel else (int(channels),)
+        state = {
+            # aggregation "mean": under a tf.distribute strategy, the step set on the first batch
+            # is the same on every replica (see ActivationQuantizer.build).
+            "log_step": layer.add_weight(name=f"{name}_log_step", shape=shape, initializer="zeros",
+                                         trainable=True, aggregation="mean"),
+            "seen": layer.add_weight(name=f"{name}_step_seen", shape=(), initializer="zeros", trainable=False),
+        }
+        _keras_private.track_for_tf_checkpoints(layer, state.values())
+        return state
+
+    def __call__(self, weights, channel_axis=None, state=None, training=False):
+        """Fake-quantizes `weights`; `channel_axis=None` (or `per_channel=False`) means one scale.
+
+        `state`: the learned step (`build`) for `learn_scale=True`; without it the step comes from
+        `estimator`. `training`: a learned step not yet started is set from the weights."""
         weights = ops.convert_to_tensor(weights)
         if channel_axis is not None and self.per_channel and len(weights.shape) > 4 and not is_tracing_for_export():
             # TensorFlow's per-channel fake-quant gradient takes at most rank 4: train a Conv3D
             # kernel's (positions, channels) view, the same per-channel quantization. (The export
             # trace keeps the kernel whole: the converter reads a fake-quant op on the constant.)
             moved = ops.moveaxis(weights, channel_axis, -1)
-            flat = self(ops.reshape(moved, (-1, moved.shape[-1])), channel_axis=-1)
+            flat = self(ops.reshape(moved, (-1, moved.shape[-1])), channel_axis=-1, state=state, training=training)
             return ops.moveaxis(ops.reshape(flat, moved.shape), -1, channel_axis)
-        if channel_axis is None or not self.per_channel:
+        axis = None if channel_axis is None or not self.per_channel else channel_axis % len(weights.shape)
+        if state is not None:
+            return self._with_learned_step(weights, axis, state, training)
+        max_abs = self._estimated_max(weights, axis)
+        if self.estimator != "mse" and not is_tracing_for_export():
+            # Nothing lies outside the range, so the gradient passes straight through to every weight
+            # (as the fake-quant op's gradient does, via the range, for the largest one).
+            quantized = ops.stop_gradient(self._fake_quant(weights, -max_abs, max_abs, axis, fast=True))
+            return quantized + (weights - ops.stop_gradient(weights))  # exactly `quantized`
+        return self._fake_quant(weights, -max_abs, max_abs, axis)
+
+    def _estimated_max(self, weights, axis):
+        """The range's end, per channel on `axis` (or for the tensor), as `estimator` chooses it."""
+        if axis is None:
             max_abs = ops.max(ops.abs(weights))
-            axis = None
         else:
-            axis = channel_axis % len(weights.shape)
             reduce_axes = tuple(i for i in range(len(weights.shape)) if i != axis)
             max_abs = ops.max(ops.abs(weights), axis=reduce_axes)
         # An all-zero channel (a dead or pruned filter) gets scale 1/127 rather than 0: a zero scale
@@ -163,12 +227,46 @@ class WeightQuantizer(_Configurable):
         max_abs = ops.where(ops.equal(max_abs, 0.0), ops.ones_like(max_abs), max_abs)
         if self.estimator == "mse":
             max_abs = max_abs * ops.stop_gradient(self._best_fraction(weights, max_abs, axis))
-        elif not is_tracing_for_export():
-            # Nothing lies outside the range, so the gradient passes straight through to every weight
-            # (as the fake-quant op's gradient does, via the range, for the largest one).
-            quantized = ops.stop_gradient(self._fake_quant(weights, -max_abs, max_abs, axis, fast=True))
-            return quantized + (weights - ops.stop_gradient(weights))  # exactly `quantized`
-        return self._fake_quant(weights, -max_abs, max_abs, axis)
+        return max_abs
+
+    def learned_step(self, state, fallback):
+        """The step a learned-step kernel is quantized with, per channel: `fallback` (the
+        estimator's step) until the first training batch or calibration sets it (None: it has)."""
+        seen = ops.convert_to_tensor(state["seen"])
+        learned = ops.exp(ops.convert_to_tensor(state["log_step"]))
+        learned = ops.where(ops.less(seen, 0.0), ops.stop_gradient(learned), learned)  # frozen
+        if fallback is None:  # known to have started
+            return learned
+        return ops.where(ops.less(ops.abs(seen), 1.0), ops.stop_gradient(fallback), learned)
+
+    def _with_learned_step(self, weights, axis, state, training):
+        """LSQ: the values of the fake-quant op with range +-step x (2^(b-1) - 1), bit for bit;
+        the gradient of LSQ for the step, straight through for the weights inside the range."""
+        levels = self.levels
+
+        def estimate():
+            return ops.stop_gradient(self._estimated_max(weights, axis)) / levels
+
+        if is_tracing_for_export():
+            step = self.learned_step(state, estimate())  # selection ops the converter folds
+        else:
+            # The estimator runs only until the step starts ("mse" tries 15 clippings).
+            unstarted = ops.less(ops.abs(ops.convert_to_tensor(state["seen"])), 1.0)
+            learned = self.learned_step(state, None)  # (variables read outside the branches)
+            step = ops.cond(unstarted, estimate, lambda: learned)
+        if (training or is_calibrating()) and not is_tracing_for_export():
+            # Starts the step: a started one is written back as it was read.
+            seen = ops.convert_to_tensor(state["seen"])
+            unstarted = ops.less(ops.abs(seen), 1.0)
+            log_step = ops.convert_to_tensor(state["log_step"])
+            state["log_step"].assign(ops.where(unstarted, ops.log(ops.stop_gradient(step)), log_step))
+            state["seen"].assign(ops.where(unstarted, ops.where(ops.less(seen, 0.0), -1.0, 1.0), seen))
+        high = step * levels
+        if is_tracing_for_export():
+            return self._fake_quant(weights, -high, high, axis)
+        values = ops.stop_gradient(self._fake_quant(weights, -high, high, axis, fast=True))
+        surrogate = lsq_weights(weights, step, levels, axis)
+        return values + (surrogate - ops.stop_gradient(surrogate))  # exactly `values`
 
     def _fake_quant(self, weights, low, high, axis, fast=False):
         if self.bits < 8 and self.narrow_range:
@@ -220,10 +318,11 @@ class WeightQuantizer(_Configurable):
 
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range,
-                "estimator": self.estimator, "packed_int4": self.packed_int4}
+                "estimator": self.estimator, "packed_int4": self.packed_int4, "learn_scale": self.learn_scale}
 
     def __repr__(self):
-        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel}, estimator={self.estimator!r})"
+        learned = ", learn_scale=True" if self.learn_scale else ""
+        return f"WeightQuantizer(bits={self.bits}, per_channel={self.per_channel}, estimator={self.estimator!r}{learned})"
 
 
 @keras.saving.register_keras_serializable(package=_SERIALIZATION_PACKAGE)
@@ -250,9 +349,13 @@ class ActivationQuantizer(_Configurable):
             are clipped), or "mse" (the clipping of the batch's range that minimises the squared
             quantization error of its values).
         percentile: for "percentile", in (0, 100].
-        learn_range: the range is a trainable weight, learned by gradient descent through the
-            fake-quant op (clipped values pull it outwards, the loss decides); the estimator only
+        learn_range: the range is a trainable weight, learned by gradient descent; the estimator only
             initializes it: from `calibration_data` at `quantize_model`, else from the first batch.
+            True: through the fake-quant op's gradient (PACT-like: only clipped values pull on the
+            range's ends). "lsq": with LSQ+'s gradient (Esser et al. 2020; Bhalgat et al. 2020) for
+            the scale and the zero point, in which values inside the range pull too, by their
+            rounding error, scaled by 1/sqrt(values per sample x levels). The zero point stays the
+            integer TFLite stores: the range is the nudged min/max the file holds, bit for bit.
 
     Example:
     >>> from kerasq import ActivationQuantizer
@@ -296,7 +399,12 @@ class ActivationQuantizer(_Configurable):
         self.fixed_range = fixed_range
         self.estimator = estimator
         self.percentile = float(percentile)
-        self.learn_range = bool(learn_range)
+        if not (isinstance(learn_range, str) and learn_range == "lsq") and learn_range not in (False, True):
+            raise ValueError(
+                f"ActivationQuantizer: learn_range must be False, True (the fake-quant op's gradient) or "
+                f"'lsq' (LSQ+'s gradient); got {learn_range!r}."
+            )
+        self.learn_range = "lsq" if isinstance(learn_range, str) else bool(learn_range)
 
     def with_fixed_range(self, fixed_range):
         """A copy of this quantizer whose range is pinned to `fixed_range`."""
@@ -358,9 +466,14 @@ class ActivationQuantizer(_Configurable):
         if recorded is not None and not training:
             outside = ops.logical_or(ops.less(x, low), ops.greater(x, high))
             recorded[id(state["min"])] = float(ops.mean(ops.cast(outside, "float32")))
-        return keras.quantizers.fake_quant_with_min_max_vars(
+        quantized = keras.quantizers.fake_quant_with_min_max_vars(
             x, low, high, num_bits=self.bits, narrow_range=self.symmetric
         )
+        if training and self.learn_range == "lsq" and self.fixed_range is None and not is_tracing_for_export():
+            # The op's values (its nudged range is the file's scale and zero point), LSQ+'s gradient.
+            surrogate = lsq_activations(x, low, high, self.bits, self.symmetric)
+            quantized = ops.stop_gradient(quantized) + (surrogate - ops.stop_gradient(surrogate))
+        return quantized
 
     def round_like_tflite(self, x, state):
         """Rounds `x` onto this quantizer's grid as TFLite's same-scale kernels (average pooling,
@@ -493,6 +606,59 @@ class ActivationQuantizer(_Configurable):
 
     def __repr__(self):
         return f"ActivationQuantizer(bits={self.bits}, estimator={self.estimator!r}, ema_decay={self.ema_decay})"
+
+
+def _scaled_gradient(x, factor):
+    """`x` (up to rounding) with its gradient multiplied by `factor`."""
+    return x * factor + ops.stop_gradient(x - x * factor)
+
+
+def _round_straight_through(x):
+    """`round(x)` with the gradient of `x`."""
+    return x + ops.stop_gradient(ops.round(x) - x)
+
+
+def lsq_weights(weights, step, levels, axis=None):
+    """LSQ's differentiable form of symmetric quantization, `clip(round(w / s), -Qp, Qp) x s` with
+    Qp = `levels`, one step per channel on `axis` (or one): its gradient is 1 for a weight inside
+    the range and 0 for a clipped one; for the step, `round(w / s) - w / s` inside and `+-Qp` at the
+    clipped ends, times g = 1 / sqrt(N x Qp), N the weights per step (Esser et al. 2020, eq. 3-4).
+    Its values are TensorFlow's fake-quant's up to ties; kerasq takes the values from the op."""
+    count = 1
+    for size in weights.shape:
+        count *= int(size)
+    per_step = count if axis is None else count // int(weights.shape[axis])
+    step = _scaled_gradient(step, 1.0 / np.sqrt(per_step * levels))
+    if axis is not None:
+        shape = [1] * len(weights.shape)
+        shape[axis] = -1
+        step = ops.reshape(step, shape)
+    return _round_straight_through(ops.clip(weights / step, -levels, levels)) * step
+
+
+def lsq_activations(x, low, high, bits, symmetric=False):
+    """LSQ+'s differentiable form of asymmetric quantization (Bhalgat et al. 2020) with TFLite's
+    integer zero point, from the range `(low, high)`: scale s = (high - low) / (qmax - qmin) and zero
+    point z = round(qmin - low / s), the nudging of TensorFlow's fake-quant op (and the converter's);
+    values `(round(clip(x / s + z, qmin, qmax)) - z) x s`, rounding straight through. The gradient is
+    1 for x inside the (nudged) range and 0 outside, as the op's; for s, `round(x / s) - x / s` inside and `qmin - z` /
+    `qmax - z` at the ends; for z, 0 inside and -s at the ends; reaching `low` and `high` through s and
+    z, times g = 1 / sqrt(N x (qmax - qmin)), N the values per sample."""
+    quant_min = 1.0 if symmetric else 0.0
+    quant_max = 2.0**bits - 1.0
+    levels = quant_max - quant_min
+    if len(x.shape) == 0:
+        per_sample = 1.0
+    elif all(size is not None for size in x.shape[1:]):
+        per_sample = float(np.prod([int(size) for size in x.shape[1:]]))
+    else:
+        per_sample = ops.cast(ops.size(x), "float32") / ops.cast(ops.shape(x)[0], "float32")
+    factor = ops.rsqrt(ops.convert_to_tensor(per_sample * levels, "float32"))
+    low, high = _scaled_gradient(low, factor), _scaled_gradient(high, factor)
+    scale = (high - low) / levels
+    zero_point = ops.clip(_round_straight_through(quant_min - low / scale), quant_min, quant_max)
+    quantized = _round_straight_through(ops.clip(x / scale + zero_point, quant_min, quant_max))
+    return (quantized - zero_point) * scale
 
 
 def _fake_quant_per_channel_values(x, low, high, bits, narrow_range, axis):
