@@ -383,6 +383,9 @@ class KernelHandler(LayerHandler):
     # `kerasq.quantization.requantization`). False for other ops; FULLY_CONNECTED's multiplier has
     # the full 31 bits at 16x8 as at int8.
     reduced_int16_multiplier = False
+    # Kernels take a learned step (`WeightQuantizer(learn_scale=True)`) when the file quantizes them
+    # with the fake-quant range the model trains with.
+    learns_weight_steps = True
 
     def __init__(self, fuses_activation=True):
         super().__init__(output=QUANTIZE, fuses_activation=fuses_activation)
@@ -559,6 +562,8 @@ class EmbeddingHandler(KernelHandler):
 class PReLUHandler(KernelHandler):
     """PReLU with its slopes fake-quantized as the file stores them: one symmetric int8 scale for
     the whole alpha tensor."""
+
+    learns_weight_steps = False  # the converter quantizes the float alpha with its own scale
 
     def __init__(self):
         super().__init__(fuses_activation=False)

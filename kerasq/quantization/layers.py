@@ -49,6 +49,10 @@ class Quantize(keras.layers.Layer):
         """`[(name, quantizer, range variables)]` of this layer's activation ranges."""
         return [("output", self.quantizer, self._range)]
 
+    def weight_step_states(self):
+        """No weights, no learned steps (see `QuantizeWrapper.weight_step_states`)."""
+        return []
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
@@ -181,6 +185,28 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 name="batchnorm_steps", shape=(), initializer="zeros", trainable=False
             )
         self._ranges = [self._build_ranges(index) for index in range(self.calls)]
+        self._weight_steps = self._build_weight_steps()
+
+    def _build_weight_steps(self):
+        """{kernel name: learned step state} for a `WeightQuantizer(learn_scale=True)`, else {}.
+        One step per output channel of the kernel as it is quantized (after `kernel_view`, folded
+        with a BatchNorm's scale: the deployed kernel), or one per tensor."""
+        handler, layer = self.handler, self.layer
+        learns = self.scheme.weights.learn_scale and handler.has_kernels and handler.learns_weight_steps
+        if not learns or self._kernels_requantized:
+            return {}
+        axes = handler.kernel_axes(layer) if self.calls == 1 else handler.shared_kernel_axes(layer)
+        steps = {}
+        for name, axis in axes.items():
+            shape = tuple(handler.kernel_view(layer, name, getattr(layer, name)).shape)
+            if axis is None:
+                channels = None
+            elif axis == "depthwise":
+                channels = shape[-2] * shape[-1]
+            else:
+                channels = shape[axis]
+            steps[name] = self.scheme.weights.build(self, name, channels)
+        return steps
 
     def _build_ranges(self, index):
         """The range variables of call `index`; the first call's names carry no suffix."""
@@ -294,7 +320,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         kernels = {name: getattr(layer, name) for name in handler.kernel_axes(layer)}
         bias = layer.bias if getattr(layer, "use_bias", False) else None
         if self.batchnorm is None:
-            outputs = self._linear(inputs, self._quantize_kernels(kernels), bias, ranges, training)
+            outputs = self._linear(inputs, self._quantize_kernels(kernels, training=training), bias, ranges, training)
         else:
             outputs = self._linear_with_batchnorm(inputs, kernels, bias, ranges, training)
         if not self._activation_fuses:
@@ -304,13 +330,38 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = handlers_lib.run_activation(activation, outputs)
         return outputs
 
-    def _quantize_kernels(self, kernels, force=False):
+    def _quantize_kernels(self, kernels, force=False, training=False):
         handler, layer = self.handler, self.layer
         views = {name: handler.kernel_view(layer, name, kernel) for name, kernel in kernels.items()}
         if not (self.quantization_enabled or force):
             return views
         axes = handler.kernel_axes(layer) if self.calls == 1 else handler.shared_kernel_axes(layer)
-        return {name: _quantize_kernel(self.scheme.weights, view, axes[name]) for name, view in views.items()}
+        steps = getattr(self, "_weight_steps", {})
+        return {
+            name: _quantize_kernel(self.scheme.weights, view, axes[name], steps.get(name), training)
+            for name, view in views.items()
+        }
+
+    @property
+    def _kernels_requantized(self):
+        """True when the converter requantizes this layer's kernels from their values rather than
+        keep the fake-quant op's scales: a Dense kernel that feeds several FULLY_CONNECTED ops gets
+        8-bit scales per channel, the largest magnitude / 127, whatever its bit width."""
+        handler = self.handler
+        return self.calls > 1 and handler.has_kernels and handler.shared_kernel_axes(self.layer) != handler.kernel_axes(self.layer)
+
+    def _kernel_steps(self, kernels, name, axis):
+        """The file's scale of each output channel of the quantized kernel `kernels[name]`: a learned
+        step where there is one (a channel need not reach the end of its range)."""
+        steps = requantization.kernel_steps(self.scheme.weights, kernels[name], axis)
+        if self._kernels_requantized:
+            return steps * (self.scheme.weights.levels / 127.0)
+        state = getattr(self, "_weight_steps", {}).get(name)
+        return steps if state is None else self.scheme.weights.learned_step(state, steps)
+
+    def weight_step_states(self):
+        """`[(kernel name, weight quantizer, learned step state)]` of this layer's learned steps."""
+        return [(name, self.scheme.weights, state) for name, state in getattr(self, "_weight_steps", {}).items()]
 
     def weight_quantization_error(self):
         """{kernel name: RMS of the rounding error / RMS of the kernel}, for each kernel as it is
@@ -361,7 +412,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         step = ops.stop_gradient(
             requantization.activation_step(*input_range)
-            * requantization.kernel_steps(self.scheme.weights, kernels[name], axes[name])
+            * self._kernel_steps(kernels, name, axes[name])
         )
         rounded = ops.stop_gradient(ops.round(bias / step) * step)
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
@@ -381,7 +432,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         multiplier = (
             requantization.activation_step(*input_range)
-            * requantization.kernel_steps(self.scheme.weights, kernels[name], axes[name])
+            * self._kernel_steps(kernels, name, axes[name])
             / requantization.activation_step(*output_range)
         )
         return requantization.scale_channels(outputs, requantization.multiplier_error(multiplier), self.layer)
@@ -414,7 +465,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         layer_bias = bias
         bias = bias if bias is not None else ops.zeros(bn.moving_mean.shape)
         scale, folded_bias = batchnorm_fold(bn, bias)
-        folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale))
+        folded = self._quantize_kernels(self.handler.fold_scale(self.layer, kernels, scale), training=training)
         freeze = self.scheme.freeze_batchnorm
         if not training or not bn.trainable or freeze is True or freeze == "auto" or self.batchnorm_frozen:
             return self._linear(inputs, folded, folded_bias, ranges, training)
@@ -546,14 +597,14 @@ def _input_range_of(inputs):
     return None
 
 
-def _quantize_kernel(quantizer, kernel, axis):
+def _quantize_kernel(quantizer, kernel, axis, state=None, training=False):
     if axis != "depthwise":
-        return quantizer(kernel, channel_axis=axis)
+        return quantizer(kernel, channel_axis=axis, state=state, training=training)
     # A depthwise kernel [..., in_channels, multiplier] feeds output channel c * multiplier + m from
     # kernel[..., c, m]: TFLite keeps one scale per output channel, so quantize over both axes at once.
     shape = ops.shape(kernel)
     flat = ops.reshape(kernel, tuple(shape[:-2]) + (shape[-2] * shape[-1],))
-    return ops.reshape(quantizer(flat, channel_axis=-1), shape)
+    return ops.reshape(quantizer(flat, channel_axis=-1, state=state, training=training), shape)
 
 
 __all__ = ["Quantize", "QuantizeWrapper", "QuantizationScheme"]
