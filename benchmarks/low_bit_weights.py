@@ -1,7 +1,8 @@
 """Lower weight bit widths: post-training quantization against QAT at 8, 4, 3 and 2-bit weights.
 
 For each seed: train the demo's digits CNN (`kerasq.demo.build_model()`) in float, then for each
-weight bit width b and each weight range estimator ("max", "mse"):
+weight bit width b and each weight range ("max", "mse": estimated from the weights at every step;
+"lsq": a learned step per channel, `WeightQuantizer(learn_scale=True)`, started from "mse"):
 - post-training: `quantize_model(model, scheme, calibration_data=x)` with no training step, exported;
 - QAT: the same model trained `--qat-epochs` epochs (Adam, cosine decay from `--qat-lr`), exported;
 and report the int8 file's test accuracy (mean and spread over the seeds), its parity with the
@@ -29,7 +30,10 @@ from plotting import pyplot  # benchmarks/plotting.py
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BITS = (8, 4, 3, 2)
-ESTIMATORS = ("max", "mse")
+ESTIMATORS = ("max", "mse", "lsq")
+# WeightQuantizer arguments of each row: "lsq" learns its steps (LSQ), starting from the MSE clipping.
+QUANTIZERS = {"max": {"estimator": "max"}, "mse": {"estimator": "mse"},
+              "lsq": {"estimator": "mse", "learn_scale": True}}
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -58,7 +62,7 @@ def run(args):
         floats.append(float(np.mean(np.argmax(model.predict(x_test, verbose=0), -1) == y_test)))
         for bits in BITS:
             for estimator in ESTIMATORS:
-                scheme = kerasq.QuantizationScheme(weights=kerasq.WeightQuantizer(bits=bits, estimator=estimator))
+                scheme = kerasq.QuantizationScheme(weights=kerasq.WeightQuantizer(bits=bits, **QUANTIZERS[estimator]))
                 qat = kerasq.quantize_model(model, scheme, calibration_data=x)
                 rows.setdefault((bits, estimator, "ptq"), []).append(_file_figures(qat, x_test, y_test))
                 keras.utils.set_random_seed(seed)
@@ -66,7 +70,7 @@ def run(args):
                 rows.setdefault((bits, estimator, "qat"), []).append(_file_figures(qat, x_test, y_test))
                 if bits <= 4:  # the same trained weights, stored as packed INT4
                     packed = kerasq.quantize_model(model, kerasq.QuantizationScheme(
-                        weights=kerasq.WeightQuantizer(bits=bits, estimator=estimator, packed_int4=True)))
+                        weights=kerasq.WeightQuantizer(bits=bits, **QUANTIZERS[estimator], packed_int4=True)))
                     packed.set_weights(qat.get_weights())
                     rows.setdefault((bits, estimator, "int4"), []).append(_file_figures(packed, x_test, y_test))
                 print(bits, estimator, rows[(bits, estimator, "ptq")][-1]["accuracy"],
@@ -95,7 +99,10 @@ def table(floats, rows, args, seconds):
         f"{args.qat_epochs} epochs. Parity: the largest output-step difference between each Keras model and its "
         "file, over all seeds (the kernel-path floor is 1 step); all files passed verify_tflite unless marked. "
         "Weights are stored as int8 (2^b - 1 levels); the INT4 columns store the QAT model's weights as packed "
-        "INT4 (`WeightQuantizer(packed_int4=True)`) instead, whose kernels LiteRT does not compute exactly.",
+        "INT4 (`WeightQuantizer(packed_int4=True)`) instead, whose kernels LiteRT does not compute exactly. "
+        "Range: max and mse estimate each step from the weights (`WeightQuantizer(estimator=...)`); lsq learns it "
+        "(`WeightQuantizer(estimator=\"mse\", learn_scale=True)`: LSQ, its steps started from the MSE clipping, "
+        "so its post-training model is mse's).",
         "",
         "| weight bits | range | file KB | post-training | QAT | QAT gain | max steps | INT4 file KB | INT4 accuracy | INT4 max steps |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -130,8 +137,10 @@ def plot(rows, path):
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for estimator, style in zip(ESTIMATORS, ("-", "--")):
+    for estimator, style in zip(ESTIMATORS, ("-", "--", ":")):
         for kind, color in (("ptq", "tab:gray"), ("qat", "tab:blue")):
+            if kind == "ptq" and estimator == "lsq":
+                continue  # mse's: the learned steps start there
             means = [statistics.mean(r["accuracy"] for r in rows[(b, estimator, kind)]) for b in BITS]
             ax.plot(BITS, means, style, marker="o", color=color, label=f"{'post-training' if kind == 'ptq' else 'QAT'}, {estimator}")
     ax.set_xlabel("weight bits")
