@@ -517,3 +517,23 @@ def test_a_relu_written_at_a_concatenation_scale_rounds_as_the_file_does(max_val
     x = ((levels.astype("float32") - in_zero) * in_scale).astype("float32")
     simulated = np.round(np.asarray(qat(x, training=False)) / out_scale) + out_zero
     np.testing.assert_array_equal(simulated[..., :2], tflite.predict(levels, raw=True)[..., :2].astype("float32"))
+
+
+def test_an_input_requantized_for_a_concatenation_rounds_as_the_file_does():
+    """An input of a concatenation with a scale of its own (here the model input) is requantized to
+    the concatenation's scale by a QUANTIZE op, which XNNPACK computes with the scale ratio held with
+    8 fractional bits. The QAT model does the same at inference, to the bit; it rounded once (one
+    step apart on 10% of those values here)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 2))
+    wide = layers.Conv2D(2, 1, kernel_initializer=keras.initializers.Constant(1.3))(inputs)
+    model = keras.Model(inputs, layers.Concatenate()([inputs, wide]))
+    rng = np.random.default_rng(0)
+    qat = kerasq.quantize_model(model, calibration_data=rng.uniform(-3.0, 8.0, (64, 4, 4, 2)).astype("float32"))
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert "QUANTIZE" in tflite.ops, tflite.ops
+    (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
+    levels = rng.permuted(np.tile(np.arange(-128, 128), 32)).reshape(256, 4, 4, 2).astype("int8")  # each level 32 times
+    x = ((levels.astype("float32") - in_zero) * in_scale).astype("float32")
+    simulated = np.round(np.asarray(qat(x, training=False)) / out_scale) + out_zero
+    np.testing.assert_array_equal(simulated[..., :2], tflite.predict(levels, raw=True)[..., :2].astype("float32"))

@@ -7,8 +7,8 @@ from keras import ops
 from kerasq import _keras_private
 from kerasq.graph import all_layers
 from kerasq.quantization import handlers as handlers_lib
-from kerasq.quantization import requantization
-from kerasq.quantization.quantizers import ActivationQuantizer, is_tracing_for_export
+from kerasq.quantization import requantization, xnnpack
+from kerasq.quantization.quantizers import ActivationQuantizer, is_calibrating, is_tracing_for_export
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
 
@@ -128,6 +128,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         object.__setattr__(self, "_input_ranges", (None,) * len(per_call))
         # The (wrapper, call index) that quantizes a call's output for it (a fused ReLU), if any.
         object.__setattr__(self, "_output_quantized_by", (None,) * len(per_call))
+        # A concatenation's inputs' own ranges, per call: None for an input it alone rounds.
+        object.__setattr__(self, "_operand_ranges", (None,) * len(per_call))
         # Per call: whether a concatenation reads the output (of a pass-through or same-scale op).
         object.__setattr__(self, "_read_by_concatenation", (False,) * len(per_call))
 
@@ -139,6 +141,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def __call__(self, inputs, *args, **kwargs):
         index = self._check_call_index(kwargs.get("call_index", 0))
         self._tell_producer_it_is_quantized_here(inputs, index)
+        if self.handler.producers_take_output_scale and isinstance(inputs, (list, tuple)):
+            sources = tuple(_input_range_of(tensor) for tensor in inputs)
+            if any(source is not None for source in sources):  # (none when called on values)
+                operand_ranges = list(self._operand_ranges)
+                operand_ranges[index] = sources
+                object.__setattr__(self, "_operand_ranges", tuple(operand_ranges))
         if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or self.handler.has_kernels or self.handler.simulated:
             # Pass-through and same-scale ops keep their input's quantization (and 16x8 kernels scale
             # by it): find whose it is. This runs whenever the model graph is built, by quantize_model
@@ -240,6 +248,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def call(self, inputs, *args, training=None, call_index=0, **kwargs):
         training = bool(training)
         ranges = self._ranges[call_index]
+        if self._operand_ranges[call_index] and not training and self._mirrors_int8_kernels:
+            inputs = self._requantize_operands(inputs, call_index)
         if self.handler.has_kernels:
             outputs = self._call_kernels(inputs, ranges, training)
         elif self.handler.intermediate_ranges(self.layer) or self.handler.simulated:
@@ -264,6 +274,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
         elif is_tracing_for_export():
             outputs = self._quantize_at_concatenation_range(outputs, call_index)
         return outputs
+
+    @property
+    def _mirrors_int8_kernels(self):
+        """True where int8 kernels' arithmetic is simulated (see `Simulation.mirrors_int8_kernels`)."""
+        return self.quantization_enabled and self.scheme.activations.bits == 8 and not (
+            is_calibrating() or is_tracing_for_export()
+        )
+
+    def _requantize_operands(self, inputs, call_index):
+        """A concatenation's inputs that have a scale of their own moved onto its output's grid as the
+        file's QUANTIZE op before it does (`xnnpack.requantize`), at inference; the output's rounding
+        then leaves them as they are."""
+        output = self.output_range_of(call_index)
+        if output is None:
+            return inputs
+        output_step = handlers_lib.file_step(*output)
+        return type(inputs)(
+            tensor if source is None else xnnpack.requantize(tensor, handlers_lib.file_step(*source), output_step)
+            for tensor, source in zip(inputs, self._operand_ranges[call_index])
+        )
 
     def _quantize_at_concatenation_range(self, outputs, call_index):
         """For the export trace: `outputs` fake-quantized with the range of the concatenation that

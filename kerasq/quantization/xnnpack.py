@@ -9,6 +9,13 @@ from the TFLite reference kernels by a step, the simulation follows XNNPACK:
   over the int8 range. The reference kernels use a 31-bit multiplier. XNNPACK takes the op when both
   scale ratios lie in [2^-8, 2^7] in magnitude; otherwise LiteRT's builtin kernel runs it, and the
   simulation rounds the exact value.
+- QUANTIZE from int8 to int8 (the requantization the converter puts before a concatenation for an
+  input with a scale of its own): XNNPACK multiplies the int8 input (less its zero point) by
+  `input scale / output scale` held with 8 fractional bits, adds 128 and shifts right by 8, as for
+  LEAKY_RELU, where that ratio lies in [2^-8, 2^7]; otherwise LiteRT's builtin kernel runs it with
+  TFLite's 31-bit fixed-point multiplier (`fixed_point.multiply_by_quantized_multiplier`). A ratio
+  of 0.55, say, is held as 141/256 rather than 0.5508: the QAT model's single rounding put 2.5% of
+  such an input's values a step from the file's.
 - RESIZE_BILINEAR: XNNPACK rounds the interpolated int8 value half up; the reference and builtin
   kernels round ties away from zero, so every negative tie (one output in four or so when upsampling
   by 2) is a step apart.
@@ -22,6 +29,8 @@ Example:
 """
 
 from keras import ops
+
+from kerasq.quantization import fixed_point
 
 _FRACTION = 256.0  # XNNPACK's LEAKY_RELU multipliers have 8 fractional bits
 # The scale ratios XNNPACK's qs8 LEAKY_RELU operator accepts.
@@ -46,6 +55,21 @@ def leaky_relu(x, negative_slope, input_step, output_step):
     mirrored = ops.floor((levels * multiplier + _FRACTION / 2) / _FRACTION) * output_step
     exact = ops.leaky_relu(x, negative_slope)
     return exact + ops.stop_gradient(ops.where(delegated, mirrored, exact) - exact)
+
+
+def requantize(x, input_step, output_step):
+    """`x`, on the int8 grid of `input_step`, on the grid of `output_step` as LiteRT's int8 QUANTIZE
+    computes it by default (see the module's docstring). Steps are the file's scales; the gradient
+    passes straight through."""
+    ratio = ops.cast(input_step, "float32") / ops.cast(output_step, "float32")
+    levels = ops.round(x / input_step)  # the int8 input less its zero point
+    # Exact in float32: |levels x multiplier| < 2^24, and dividing by 256 only moves the exponent.
+    delegated = ops.floor((levels * ops.round(_FRACTION * ratio) + _FRACTION / 2) / _FRACTION)
+    multiplier = ops.cast(input_step, "float64") / ops.cast(output_step, "float64")
+    builtin = ops.cast(fixed_point.multiply_by_quantized_multiplier(levels, multiplier), "float32")
+    xnnpack_runs = (ratio >= _LOWEST_RATIO) & (ratio <= _HIGHEST_RATIO)
+    moved = ops.where(xnnpack_runs, delegated, builtin) * output_step
+    return x + ops.stop_gradient(moved - x)
 
 
 def round_half_up(x, quantizer, state):
