@@ -43,3 +43,30 @@ def test_affine_preprocessing_is_an_int8_op_at_the_floor(preprocessing, digits, 
     qat.save(tmp_path / "qat.keras")  # the frozen BatchNorm standing in for the layer saves and loads
     loaded = keras.saving.load_model(tmp_path / "qat.keras")
     np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), qat.predict(x_test, verbose=0))
+
+
+def test_mobilenet_v3_small_with_its_preprocessing_exports_fully_int8_at_the_floor(digits_32):
+    """keras.applications' MobileNetV3Small with include_preprocessing=True (its Rescaling(1/127.5,
+    offset=-1) in front) on camera-range pixels: the QAT file is fully integer, as post-training int8
+    makes it, and within the floor of its Keras model. benchmarks/applications.py trains it (and
+    MobileNetV3Large, EfficientNetB0) to accuracy; this checks the file on a short run."""
+    (x, y), (x_test, _) = digits_32
+    x = np.repeat(x[:512], 3, axis=-1) * 255.0
+    x_test = np.repeat(x_test[:150], 3, axis=-1) * 255.0
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=True,
+        classifier_activation=None,
+    )
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9  # the default 0.999 leaves the moving statistics at their start on 512 images
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y[:512], epochs=2, batch_size=32, verbose=0)
+    qat = kerasq.quantize_model(model, calibration_data=x[:128])
+    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
+    qat.fit(x, y[:512], epochs=1, batch_size=32, verbose=0)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.is_fully_integer, tflite.float_tensors
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed, report
