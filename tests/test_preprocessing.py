@@ -70,3 +70,30 @@ def test_mobilenet_v3_small_with_its_preprocessing_exports_fully_int8_at_the_flo
     assert tflite.is_fully_integer, tflite.float_tensors
     report = kerasq.verify_tflite(qat, tflite, x_test)
     assert report.passed, report
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_resizing_and_center_crop_are_single_int8_ops_at_the_floor(interpolation, digits):
+    """Resizing is one int8 RESIZE op and CenterCrop one int8 STRIDED_SLICE: no shape arithmetic in
+    the file (post-training int8 of the same model computes the flattened shape at run time)."""
+    (x, y), (x_test, _) = digits
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Resizing(14, 14, interpolation=interpolation)(inputs)
+    hidden = keras.layers.Conv2D(8, 3, activation="relu")(hidden)
+    hidden = keras.layers.CenterCrop(8, 8)(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, epochs=3, verbose=0)
+    qat = kerasq.quantize_model(model)
+    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
+    qat.fit(x, y, epochs=1, verbose=0)
+    content = kerasq.export_tflite(qat)
+    resize = "RESIZE_BILINEAR" if interpolation == "bilinear" else "RESIZE_NEAREST_NEIGHBOR"
+    assert [op.name for op in read_graph(content).ops] == [
+        resize, "CONV_2D", "STRIDED_SLICE", "RESHAPE", "FULLY_CONNECTED"
+    ]
+    tflite = kerasq.TFLiteModel(content)
+    assert tflite.is_fully_integer
+    report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed, report

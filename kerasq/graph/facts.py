@@ -255,6 +255,7 @@ def _register_builtin_facts():
         layers.ZeroPadding1D, layers.ZeroPadding2D, layers.ZeroPadding3D,
         layers.Cropping1D, layers.Cropping2D, layers.Cropping3D,
         layers.UpSampling1D, layers.UpSampling2D, layers.UpSampling3D,
+        layers.Resizing, layers.CenterCrop,
         layers.Dropout, layers.SpatialDropout1D, layers.SpatialDropout2D, layers.SpatialDropout3D,
         layers.GaussianNoise, layers.GaussianDropout, layers.AlphaDropout, layers.ActivityRegularization,
         layers.Identity,

@@ -312,6 +312,40 @@ class UpSamplingHandler(LayerHandler):
         return super().round_to_input_grid(layer, outputs, quantizer, state)
 
 
+class ResizingHandler(UpSamplingHandler):
+    """Resizing to a fixed size with nearest or bilinear interpolation: one RESIZE_NEAREST_NEIGHBOR or
+    RESIZE_BILINEAR op, simulated as UpSampling's. Resizing that crops or pads to the aspect ratio,
+    or other interpolations, run as Keras writes them."""
+
+    def run(self, layer, inputs, *args, **kwargs):
+        plain = (
+            layer.data_format == "channels_last"
+            and layer.interpolation in ("nearest", "bilinear")
+            and not (layer.crop_to_aspect_ratio or layer.pad_to_aspect_ratio or layer.antialias)
+        )
+        if args or kwargs or not plain or len(inputs.shape) != 4:
+            return layer(inputs, *args, **kwargs)
+        size = (layer.height, layer.width)
+        return ops.image.resize(inputs, size, interpolation=layer.interpolation, data_format="channels_last")
+
+
+class CenterCropHandler(LayerHandler):
+    """CenterCrop of an input at least the crop's size: a slice with constant bounds (one int8
+    STRIDED_SLICE, no shape arithmetic in the file). An input smaller than the crop is resized by
+    Keras's own call."""
+
+    def __init__(self):
+        super().__init__(output=PASS_THROUGH)
+
+    def run(self, layer, inputs, *args, **kwargs):
+        height, width = tuple(inputs.shape)[1:3] if len(inputs.shape) == 4 else (None, None)
+        fits = height is not None and width is not None and height >= layer.height and width >= layer.width
+        if args or kwargs or layer.data_format != "channels_last" or not fits:
+            return layer(inputs, *args, **kwargs)
+        top, left = (height - layer.height) // 2, (width - layer.width) // 2
+        return inputs[:, top:top + layer.height, left:left + layer.width, :]
+
+
 class LeakyReLUHandler(LayerHandler):
     """LeakyReLU as LiteRT's default int8 kernel (XNNPACK) computes it, with its 8-bit-fraction
     slopes (`kerasq.quantization.xnnpack.leaky_relu`)."""
@@ -768,6 +802,8 @@ def _register_builtin_handlers():
     upsampling = UpSamplingHandler()
     for layer_class in (layers.UpSampling1D, layers.UpSampling2D, layers.UpSampling3D):
         register_handler(layer_class, upsampling)
+    register_handler(layers.Resizing, ResizingHandler())
+    register_handler(layers.CenterCrop, CenterCropHandler())
     quantize = LayerHandler(output=QUANTIZE)
     for layer_class in (
         layers.GlobalAveragePooling1D, layers.GlobalAveragePooling2D, layers.GlobalAveragePooling3D,
