@@ -91,6 +91,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def __init__(self, layer, scheme="int8", batchnorm=None, quantize_output=True, **kwargs):
         super().__init__(layer, **kwargs)
+        # So that a call may mix tensors and flags in its keyword arguments, as the layer's may.
+        _keras_private.take_keywords_apart(self, layer)
         if isinstance(scheme, dict):
             scheme = keras.saving.deserialize_keras_object(scheme)
         if isinstance(batchnorm, dict):
