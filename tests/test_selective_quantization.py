@@ -85,24 +85,25 @@ def test_a_fully_quantized_model_has_no_float_layers(digits):
     assert report.passed and report.fully_integer and report.float_layers == ()
 
 
-def test_unannotated_layers_without_weights_between_quantized_ones_compute_on_their_grid(digits):
-    """An unannotated ReLU and Add between annotated layers read int8 values and feed a layer that
-    rounds their output: the converter runs them in int8 on that grid, and the file still computes
-    what the Keras model computes (the README says so)."""
+def test_unannotated_layers_without_weights_between_quantized_ones_are_float_in_the_file(digits):
+    """An unannotated ReLU and Add between annotated layers: the converter gives them their neighbours'
+    int8 scales, and export puts them back in float, between DEQUANTIZE and QUANTIZE ops."""
     annotate = kerasq.quantize_annotate_layer
     inputs = keras.Input((8, 8, 1))
     first = annotate(keras.layers.Conv2D(4, 3, padding="same", name="first"))(inputs)
-    relu = keras.layers.ReLU(name="unannotated_relu")(first)
+    relu = keras.layers.ReLU(name="re_lu")(first)
     second = annotate(keras.layers.Conv2D(4, 3, padding="same", name="second"))(relu)
+    second = annotate(keras.layers.ReLU(name="re_lu_1"))(second)  # quantized, its name one suffix away
     added = keras.layers.Add(name="unannotated_add")([first, second])
     flat = annotate(keras.layers.Flatten(name="flat"))(added)
     qat = kerasq.quantize_apply(keras.Model(inputs, annotate(keras.layers.Dense(10, name="head"))(flat)))
-    (x, y), (x_test, _) = digits
-    keras.utils.set_random_seed(0)
-    qat.compile(keras.optimizers.Adam(1e-3), LOSS)
-    qat.fit(x, y, epochs=1, batch_size=32, verbose=0)
-    content = kerasq.export_tflite(qat)
-    ops = {name: (inputs, outputs) for name, inputs, outputs in op_types(content)}
-    assert ops["RELU"] == ({"int8"}, {"int8"}) and ops["ADD"] == ({"int8"}, {"int8"})
-    report = kerasq.verify_tflite(qat, content, x_test)
-    assert report.passed and report.fully_integer, report
+    content, report = train_export_verify(qat, digits)
+    assert [name for name, _, _ in op_types(content)] == [
+        "CONV_2D", "DEQUANTIZE", "RELU", "QUANTIZE", "CONV_2D",
+        "DEQUANTIZE", "DEQUANTIZE", "ADD", "QUANTIZE", "RESHAPE", "FULLY_CONNECTED",
+    ]
+    ops = op_types(content)
+    assert ops[2] == ("RELU", {"float32"}, {"float32"}) and ops[7] == ("ADD", {"float32"}, {"float32"})
+    assert ops[4][2] == {"int8"}  # the second conv with its fused (annotated) ReLU stays int8
+    assert report.passed, report
+    assert sorted(report.float_layers) == ["re_lu", "unannotated_add"] and report.unexpected_float_ops == ()

@@ -32,6 +32,7 @@ from kerasq.export import hooks
 from kerasq.export.calibration import calibration_samples, representative_dataset
 from kerasq.export.errors import ExportError, conversion_error, type_text
 from kerasq.export.files import write_atomic
+from kerasq.export.float_islands import run_in_float
 from kerasq.export.flatbuffer import read_graph, reorder_io_by_name
 from kerasq.export.int16x8 import make_runnable
 from kerasq.export.modes import INT16X8_MODES, MODES, check_io_types, configure, default_io_type, mode_text, resolve_mode
@@ -126,6 +127,11 @@ def export_tflite(
         raise ExportError(f"The converted file has no signature entry {missing}; cannot order its inputs/outputs.")
     if tensor_names == "layers":
         content = short_names(content, layer_scopes(model))
+    if mode in ("qat", "qat16x8"):
+        # Layers with weights stay float through the converter itself (see _convert).
+        float_layers = [layer.name for layer in hooks.float_layers(model) if not layer.weights]
+        scopes = layer_scopes(model)
+        content = run_in_float(content, float_layers, set(scopes) | set(scopes.values()))
     if mode in ("qat", "ptq", *INT16X8_MODES):
         _warn_if_float_ops(content)
     if path is not None:
