@@ -11,6 +11,16 @@ from kerasq.export.flatbuffer import read_graph
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _trained_qat(model, x, y, float_epochs):
+    """`model` trained in float, quantized and fine-tuned for an epoch."""
+    model.compile(keras.optimizers.Adam(3e-3), LOSS)
+    model.fit(x, y, epochs=float_epochs, verbose=0)
+    qat = kerasq.quantize_model(model)
+    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
+    qat.fit(x, y, epochs=1, verbose=0)
+    return qat
+
+
 def _rescaling(x):
     return keras.layers.Rescaling(1 / 127.5, offset=-1.0)
 
@@ -28,12 +38,7 @@ def test_affine_preprocessing_is_an_int8_op_at_the_floor(preprocessing, digits, 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 1))
     hidden = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(preprocessing(x)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
-    model.compile(keras.optimizers.Adam(3e-3), LOSS)
-    model.fit(x, y, epochs=4, verbose=0)
-    qat = kerasq.quantize_model(model)
-    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
-    qat.fit(x, y, epochs=1, verbose=0)
+    qat = _trained_qat(keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden))), x, y, 4)
     content = kerasq.export_tflite(qat)
     ops = [op.name for op in read_graph(content).ops]
     assert ops[0] == "DEPTHWISE_CONV_2D" and "MUL" not in ops and "ADD" not in ops, ops
@@ -82,12 +87,7 @@ def test_resizing_and_center_crop_are_single_int8_ops_at_the_floor(interpolation
     hidden = keras.layers.Resizing(14, 14, interpolation=interpolation)(inputs)
     hidden = keras.layers.Conv2D(8, 3, activation="relu")(hidden)
     hidden = keras.layers.CenterCrop(8, 8)(hidden)
-    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
-    model.compile(keras.optimizers.Adam(3e-3), LOSS)
-    model.fit(x, y, epochs=3, verbose=0)
-    qat = kerasq.quantize_model(model)
-    qat.compile(keras.optimizers.Adam(1e-4), LOSS)
-    qat.fit(x, y, epochs=1, verbose=0)
+    qat = _trained_qat(keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden))), x, y, 3)
     content = kerasq.export_tflite(qat)
     resize = "RESIZE_BILINEAR" if interpolation == "bilinear" else "RESIZE_NEAREST_NEIGHBOR"
     assert [op.name for op in read_graph(content).ops] == [
