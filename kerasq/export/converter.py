@@ -125,12 +125,12 @@ def export_tflite(
         content = reorder_io_by_name(content, tf_names, out_names)
     except KeyError as missing:
         raise ExportError(f"The converted file has no signature entry {missing}; cannot order its inputs/outputs.")
+    scopes = layer_scopes(model)
     if tensor_names == "layers":
-        content = short_names(content, layer_scopes(model))
+        content = short_names(content, scopes)
     if mode in ("qat", "qat16x8"):
         # Layers with weights stay float through the converter itself (see _convert).
         float_layers = [layer.name for layer in hooks.float_layers(model) if not layer.weights]
-        scopes = layer_scopes(model)
         content = run_in_float(content, float_layers, set(scopes) | set(scopes.values()))
     if mode in ("qat", "ptq", *INT16X8_MODES):
         _warn_if_float_ops(content)

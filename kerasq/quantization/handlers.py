@@ -296,14 +296,19 @@ class UpSamplingHandler(LayerHandler):
         return (PASS_THROUGH if nearest else SAME_SCALE), None
 
     def run(self, layer, inputs, *args, **kwargs):
-        static = isinstance(layer, layers.UpSampling2D) and layer.data_format == "channels_last"
-        height, width = tuple(inputs.shape)[1:3] if len(inputs.shape) == 4 else (None, None)
-        if args or kwargs or not static or height is None or width is None:
+        size = None if args or kwargs or len(inputs.shape) != 4 else self.resized_size(layer, inputs)
+        if size is None or layer.interpolation not in ("nearest", "bilinear"):
             return layer(inputs, *args, **kwargs)
-        if layer.interpolation not in ("nearest", "bilinear"):
-            return layer(inputs)
-        size = (height * layer.size[0], width * layer.size[1])
         return ops.image.resize(inputs, size, interpolation=layer.interpolation, data_format="channels_last")
+
+    def resized_size(self, layer, inputs):
+        """The constant (height, width) the layer resizes rank-4 `inputs` to, or None to run the
+        layer as Keras writes it."""
+        height, width = tuple(inputs.shape)[1:3]
+        static = isinstance(layer, layers.UpSampling2D) and layer.data_format == "channels_last"
+        if not static or height is None or width is None:
+            return None
+        return (height * layer.size[0], width * layer.size[1])
 
     def round_to_input_grid(self, layer, outputs, quantizer, state):
         # LiteRT runs int8 RESIZE_BILINEAR with XNNPACK by default, which rounds ties up.
@@ -317,16 +322,11 @@ class ResizingHandler(UpSamplingHandler):
     RESIZE_BILINEAR op, simulated as UpSampling's. Resizing that crops or pads to the aspect ratio,
     or other interpolations, run as Keras writes them."""
 
-    def run(self, layer, inputs, *args, **kwargs):
-        plain = (
-            layer.data_format == "channels_last"
-            and layer.interpolation in ("nearest", "bilinear")
-            and not (layer.crop_to_aspect_ratio or layer.pad_to_aspect_ratio or layer.antialias)
+    def resized_size(self, layer, inputs):
+        plain = layer.data_format == "channels_last" and not (
+            layer.crop_to_aspect_ratio or layer.pad_to_aspect_ratio or layer.antialias
         )
-        if args or kwargs or not plain or len(inputs.shape) != 4:
-            return layer(inputs, *args, **kwargs)
-        size = (layer.height, layer.width)
-        return ops.image.resize(inputs, size, interpolation=layer.interpolation, data_format="channels_last")
+        return (layer.height, layer.width) if plain else None
 
 
 class CenterCropHandler(LayerHandler):
