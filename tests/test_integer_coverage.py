@@ -66,6 +66,11 @@ def activations(x):
     return layers.Flatten()(x)
 
 
+def rms_normalization(x):
+    x = layers.Conv2D(8, 3, strides=2)(x)
+    return layers.Flatten()(layers.RMSNormalization()(x))
+
+
 def pooling(x):
     x = layers.Conv2D(8, 3, padding="same", activation="relu")(x)
     x = layers.MaxPooling2D(padding="same")(layers.AveragePooling2D(pool_size=2, strides=1)(x))
@@ -130,18 +135,10 @@ def embedding_model():
 ZOO = {
     body.__name__: (lambda body=body: _image_model(body))
     for body in (cnn, separable, residual, concatenate, dilated, upsampling, preprocessing, activations,
-                 pooling, dense_head, conv1d, conv_transpose, attention, masked_attention, attention_axes,
+                 rms_normalization, pooling, dense_head, conv1d, conv_transpose, attention, masked_attention, attention_axes,
                  masked_attention_axes)
 }
 ZOO["embedding"] = embedding_model
-# Known gaps to the floor, not to integer coverage.
-PARITY_GAPS = {
-    # Rescaling(2, offset=-1) maps [0, 1] onto exactly [-1, 1], whose int8 grid has its zero point at
-    # 127.5 nudged to 128: every output of the 1x1 DEPTHWISE_CONV_2D is an exact tie, which XNNPACK
-    # rounds to even, the reference kernels away from zero and the fake-quant simulation up. 2-3 steps
-    # against a floor of 1-2, depending on the seed.
-    "preprocessing": "ties on an exactly symmetric affine output range: XNNPACK rounds them to even",
-}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -166,6 +163,4 @@ def test_qat_file_is_no_less_integer_than_post_training_int8(name, digits):
     if post_training.is_fully_integer:
         assert tflite.is_fully_integer, tflite.float_tensors
     report = kerasq.verify_tflite(qat, tflite, x_test)
-    if not report.passed and name in PARITY_GAPS:
-        pytest.xfail(PARITY_GAPS[name])
     assert report.passed, str(report)

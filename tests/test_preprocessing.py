@@ -97,3 +97,18 @@ def test_resizing_and_center_crop_are_single_int8_ops_at_the_floor(interpolation
     assert tflite.is_fully_integer
     report = kerasq.verify_tflite(qat, tflite, x_test)
     assert report.passed, report
+
+
+@pytest.mark.parametrize("scale, offset", [(2.0, -1.0), (0.5, 0.25), (2.0, -0.3)])
+def test_an_affine_map_exact_on_the_input_grid_rounds_as_the_file_does(scale, offset):
+    """Rescaling(2, offset=-1) maps the 256 levels of [0, 1] onto half steps of [-1, 1]: the int32
+    bias, which the converter rounds half away from zero in float64, decides every output's
+    rounding. The QAT model rounds its bias the same way, so it equals the file on every level."""
+    inputs = keras.Input((16, 16, 1))
+    model = keras.Model(inputs, keras.layers.Rescaling(scale, offset=offset)(inputs))
+    levels = (np.arange(256, dtype="float32") / 255.0).reshape(1, 16, 16, 1)
+    qat = kerasq.quantize_model(model, calibration_data=levels)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    expected = qat.predict(levels, verbose=0)
+    np.testing.assert_array_equal(np.round(tflite.predict(levels) / tflite.output_step(0)),
+                                  np.round(expected / tflite.output_step(0)))

@@ -382,14 +382,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
         handler = self.handler
         return self.calls > 1 and handler.has_kernels and handler.shared_kernel_axes(self.layer) != handler.kernel_axes(self.layer)
 
-    def _kernel_steps(self, kernels, name, axis):
+    def _kernel_steps(self, kernels, name, axis, dtype="float32"):
         """The file's scale of each output channel of the quantized kernel `kernels[name]`: a learned
         step where there is one (a channel need not reach the end of its range)."""
-        steps = requantization.kernel_steps(self.scheme.weights, kernels[name], axis)
+        steps = requantization.kernel_steps(self.scheme.weights, ops.cast(kernels[name], dtype), axis)
         if self._kernels_requantized:
             return steps * (self.scheme.weights.levels / 127.0)
         state = getattr(self, "_weight_steps", {}).get(name)
-        return steps if state is None else self.scheme.weights.learned_step(state, steps)
+        if state is None:
+            return steps
+        return ops.cast(self.scheme.weights.learned_step(state, ops.cast(steps, "float32")), dtype)
 
     def weight_step_states(self):
         """`[(kernel name, weight quantizer, learned step state)]` of this layer's learned steps."""
@@ -436,17 +438,22 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def _bias_on_int32_grid(self, bias, kernels, name, input_range):
         """`bias` rounded as the file stores it: integers in steps of input scale x weight scale (per
-        output channel). Negligible with 8-bit weights; with 4 bits and fewer a weight step is 9-127
-        times coarser, and so is the bias's, by enough to move 1 output in 10 by a step. The gradient
-        passes straight through; the export trace leaves the rounding to the converter."""
+        output channel), which the converter computes in float64 and rounds half away from zero.
+        Negligible with 8-bit weights, but for ties: an affine map that is exact on the input's grid
+        (Rescaling(2, offset=-1) on [0, 1]) puts its bias, and so every output, on a half step, and
+        the file rounds them all one way. With 4 bits and fewer a weight step is 9-127 times coarser,
+        and so is the bias's, by enough to move 1 output in 10 by a step. The gradient passes
+        straight through; the export trace leaves the rounding to the converter."""
         if bias is None or input_range is None or not self.quantization_enabled or is_tracing_for_export():
             return bias
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         step = ops.stop_gradient(
-            requantization.activation_step(*input_range)
-            * self._kernel_steps(kernels, name, axes[name])
+            requantization.activation_step(*input_range, dtype="float64")
+            * self._kernel_steps(kernels, name, axes[name], dtype="float64")
         )
-        rounded = ops.stop_gradient(ops.round(bias / step) * step)
+        levels = ops.cast(bias, "float64") / step
+        levels = ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
+        rounded = ops.stop_gradient(ops.cast(levels * step, bias.dtype))
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
     def _requantize_like_int16_kernels(self, outputs, kernels, name, input_range, output_range):

@@ -41,9 +41,12 @@ def multiplier_error(multiplier):
     return reduced / (mantissa * top)
 
 
-def activation_step(quantizer, state):
-    """The scale of an activation range, as TensorFlow's fake-quant (and so the file) has it."""
+def activation_step(quantizer, state, dtype=None):
+    """The scale of an activation range, as TensorFlow's fake-quant (and so the file) has it; in
+    `dtype` if given (the converter's float64 for bias scales), else the range's."""
     low, high = quantizer.range(state)
+    if dtype is not None:
+        low, high = ops.cast(low, dtype), ops.cast(high, dtype)
     quant_min = 1.0 if quantizer.symmetric else 0.0
     return (high - low) / (2.0**quantizer.bits - 1.0 - quant_min)
 
