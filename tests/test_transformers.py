@@ -142,13 +142,18 @@ def _layer_alone(kind):
         return inputs, keras.layers.LayerNormalization(**uniform)(inputs)
     if kind == "layer_norm_axes":
         return inputs, keras.layers.LayerNormalization(axis=[1, 2], **uniform)(inputs)
-    assert kind == "rms_norm"
-    return inputs, keras.layers.LayerNormalization(rms_scaling=True, gamma_initializer="uniform")(inputs)
+    if kind == "rms_norm":
+        return inputs, keras.layers.LayerNormalization(rms_scaling=True, gamma_initializer="uniform")(inputs)
+    rms = keras.layers.RMSNormalization(axis=[1, 2] if kind == "rms_normalization_axes" else -1)
+    outputs = rms(inputs)
+    rms.scale.assign(np.random.default_rng(1).uniform(0.5, 1.5, rms.scale.shape))
+    return inputs, outputs
 
 
 _KEY_OPS = {"attention": "BATCH_MATMUL", "causal_attention": "SELECT_V2", "attention_axes": "TRANSPOSE",
             "causal_attention_axes": "SELECT_V2", "masked_attention_axes": "SELECT_V2", "gated_attention": "LOGISTIC",
-            "layer_norm": "RSQRT", "layer_norm_axes": "RSQRT", "rms_norm": "RSQRT"}
+            "layer_norm": "RSQRT", "layer_norm_axes": "RSQRT", "rms_norm": "RSQRT", "rms_normalization": "RSQRT",
+            "rms_normalization_axes": "RSQRT"}
 
 
 @pytest.mark.parametrize("kind", list(_KEY_OPS))
@@ -157,8 +162,9 @@ def test_the_layer_alone_matches_the_default_kernels_bit_for_bit(kind):
     twice; the simulation did once, and put 2-4% of these outputs 1-5 steps off. Tokens spread 50
     times apart give LayerNormalization small variances, where RSQRT's double rounding shows. A
     causal mask is a SELECT_V2 of the lowest int8 score, attention over two axes a SOFTMAX over
-    both, a mask over other axes broadcast and flattened as the scores are, a gate a LOGISTIC and a MUL, and a normalization over two axes MEANs over both, each int8
-    and each to the bit."""
+    both, a mask over other axes broadcast and flattened as the scores are, a gate a LOGISTIC and a MUL, and a normalization over two axes MEANs over both
+    (RMSNormalization's square an int8 MUL, where post-training int8 leaves a float SQUARE), each
+    int8 and each to the bit."""
     keras.utils.set_random_seed(0)
     inputs, outputs = _layer_alone(kind)
     shape = tuple(inputs.shape[1:])
@@ -178,7 +184,7 @@ def test_the_layer_alone_matches_the_default_kernels_bit_for_bit(kind):
 
 def test_variants_with_quantization_off_compute_what_keras_computes():
     """Masks (causal, given, and the inputs' Keras masks), returned scores, attention over other axes
-    with a gate, normalization over other axes and RMS scaling: with quantization switched off,
+    with a gate, normalization over other axes, RMS scaling and RMSNormalization: with quantization switched off,
     Keras's values."""
     keras.utils.set_random_seed(2)
     tokens, given = keras.Input((6,), dtype="int32"), keras.Input((6, 6), dtype="bool")
@@ -192,7 +198,10 @@ def test_variants_with_quantization_off_compute_what_keras_computes():
     uniform = dict(beta_initializer="uniform", gamma_initializer="uniform")
     normalized = keras.layers.LayerNormalization(axis=[1, 3], **uniform)(over_axes)
     rms = keras.layers.LayerNormalization(axis=1, rms_scaling=True, gamma_initializer="uniform")(over_axes)
-    model = keras.Model([tokens, given], [given_mask, attended, scores, over_axes, normalized, rms])
+    rms_layer = keras.layers.RMSNormalization()
+    rms_normalized = rms_layer(over_axes)
+    rms_layer.scale.assign(np.linspace(0.5, 1.5, 8))
+    model = keras.Model([tokens, given], [given_mask, attended, scores, over_axes, normalized, rms, rms_normalized])
     qat = kerasq.quantize_model(model)
     for layer in qat.layers:
         if isinstance(layer, (kerasq.Quantize, kerasq.QuantizeWrapper)):

@@ -157,6 +157,10 @@ class Simulation:
         (the file's kernel does it)."""
         return self.enabled and self.bits == 8 and not (is_calibrating() or is_tracing_for_export())
 
+    def bounds(self, name):
+        """`(min, max)` of the learned range `name`."""
+        return self._wrapper.scheme.activations.range(self._ranges[name])
+
     def step(self, name):
         """The scale of the learned range `name`, as the file holds it: the converter divides in
         float64, which is 1 ulp off TensorFlow's float32 scale for one range in ten or so."""

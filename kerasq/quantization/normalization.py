@@ -12,6 +12,9 @@ TFLite's post-training int8 file leaves a NEG in float. With `rms_scaling` (whic
 the variance, not the mean square), the input itself is multiplied by the inverse deviation and by
 gamma, with no beta.
 
+keras.layers.RMSNormalization (the mean square of the input itself, not its variance) runs as MUL
+(the square), MEAN, ADD (epsilon), RSQRT, MUL and MUL (its scale), each int8 likewise.
+
 Example:
 >>> import keras, kerasq
 >>> inputs = keras.Input((6, 8))
@@ -49,7 +52,8 @@ class LayerNormalizationHandler(LayerHandler):
         squares = simulation.activation("squares", centered * centered)
         variance = simulation.activation("variance", ops.mean(squares, axis=axes, keepdims=True))
         variance = simulation.activation("variance_epsilon", variance + layer.epsilon)
-        inverse = simulation.activation("inverse_deviation", _rsqrt(variance, simulation))
+        inverse = _rsqrt(variance, layer.epsilon, simulation, "variance_epsilon", "inverse_deviation")
+        inverse = simulation.activation("inverse_deviation", inverse)
         if layer.rms_scaling:
             outputs = simulation.activation("normalized", inputs * inverse)
             if layer.gamma is not None:
@@ -71,23 +75,26 @@ def _broadcast(weight, axes, shape):
     return ops.reshape(weight, tuple(shape[a] if a in axes else 1 for a in range(len(shape))))
 
 
-def _rsqrt(variance, simulation):
-    """rsqrt of the int8 `variance` as LiteRT's RSQRT computes it (`fixed_point.RSQRT_TABLE`), with
-    the float rsqrt's gradient. The export trace keeps the plain op the converter turns into RSQRT."""
+def _rsqrt(variance, epsilon, simulation, input_name, output_name):
+    """rsqrt of the int8 `variance` (range `input_name`) onto the range `output_name`, as LiteRT's
+    RSQRT computes it (`fixed_point.RSQRT_TABLE`), with the float rsqrt's gradient. The export trace
+    keeps the plain op the converter turns into RSQRT."""
     if simulation.training:
-        # Rounded to 0, the variance has an infinite rsqrt (the range clips it, as RSQRT returns
-        # its largest value) whose gradient would be NaN.
-        variance = ops.maximum(variance, 1e-12)
+        # Rounded to 0, the variance has an infinite rsqrt (the file's RSQRT returns the top of its
+        # range) with a NaN gradient; the float layer's rsqrt(epsilon) keeps the range it learns sane.
+        variance = ops.maximum(variance, max(epsilon, 1e-12))
     plain = ops.rsqrt(variance)
     if not simulation.mirrors_int8_kernels:
         return plain
-    step, out_step = simulation.step("variance_epsilon"), simulation.step("inverse_deviation")
+    step, out_step = simulation.step(input_name), simulation.step(output_name)
     value = ops.cast(ops.clip(ops.round(variance / step), 0, 255), "int32")
     # 2^20 / sqrt(value) as an integer, scaled to the output by 2^-20 / (sqrt(step) x out_step),
     # whose denominator the kernel computes in float32.
     multiplier = 2.0**-20 / ops.cast(ops.sqrt(step) * out_step, "float64")
     levels = multiply_by_quantized_multiplier(ops.take(RSQRT_TABLE, value) * 2.0**20, multiplier)
-    mirrored = ops.cast(levels, "float32") * out_step
+    low, high = simulation.bounds(output_name)
+    # A variance rounded to 0 has the kernel's largest value, saturated at the top of the range.
+    mirrored = ops.clip(ops.cast(levels, "float32") * out_step, low, high)
     return plain + ops.stop_gradient(mirrored - plain) if simulation.training else mirrored
 
 
@@ -100,4 +107,28 @@ def _simulated(layer):
     return shape is not None and all(axis % len(shape) != 0 for axis in axes)
 
 
+class RMSNormalizationHandler(LayerHandler):
+    """RMSNormalization over any axes but the batch's, fully int8."""
+
+    def __init__(self):
+        super().__init__(output=QUANTIZE)
+
+    def intermediate_ranges(self, layer):
+        return _RMS_RANGES if _simulated(layer) else ()
+
+    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
+        rank = len(inputs.shape)
+        axes = sorted(axis % rank for axis in layer.axis)
+        squares = simulation.activation("squares", inputs * inputs)
+        mean_square = simulation.activation("mean_square", ops.mean(squares, axis=axes, keepdims=True))
+        mean_square = simulation.activation("mean_square_epsilon", mean_square + layer.epsilon)
+        inverse = _rsqrt(mean_square, layer.epsilon, simulation, "mean_square_epsilon", "inverse_rms")
+        outputs = simulation.activation("normalized", inputs * simulation.activation("inverse_rms", inverse))
+        return outputs * simulation.weight(layer.scale)  # broadcast as Keras broadcasts it
+
+
+_RMS_RANGES = ("squares", "mean_square", "mean_square_epsilon", "inverse_rms", "normalized")
+
 register_handler(layers.LayerNormalization, LayerNormalizationHandler())
+if hasattr(layers, "RMSNormalization"):  # Keras 3.9 and later
+    register_handler(layers.RMSNormalization, RMSNormalizationHandler())
