@@ -321,6 +321,19 @@ def test_int8_conversion_error_suggests_leaving_the_layer_in_float():
     assert "skip=['my_layer']" in qat_text and "representative_data" not in qat_text
 
 
+def test_conversion_error_of_a_qat_model_names_the_float_models_layer():
+    """The advice is for `quantize_model(float_model, skip=...)`: it names the float model's layer,
+    not the wrapper the QAT model holds ('quant_my_layer')."""
+    from kerasq.export.errors import conversion_error
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.Dense(3, name="my_layer")(inputs)))
+    qat = kerasq.quantize_model(model, quantized_layer_name_prefix="q_")
+    message = 'loc(fused["Foo:", "functional_1/q_my_layer_1/Foo@__inference_serve_12"]): error: failed'
+    text = str(conversion_error(qat, "qat", RuntimeError(message), log=""))
+    assert "layer 'my_layer' has no int8 support" in text and "skip=['my_layer']" in text, text
+
+
 def test_qat_flatten_and_reshape_export_as_single_reshapes():
     """Not SHAPE/STRIDED_SLICE/PACK computing the batch size at run time, as Keras's own layers do."""
     keras.utils.set_random_seed(0)

@@ -12,6 +12,8 @@ Could not convert model '...' to TFLite (float32). The op Foo is not a TFLite bu
 
 import re
 
+from kerasq.export import hooks
+
 
 class ExportError(RuntimeError):
     """The TFLite converter could not convert the model; the message names the op/layer and a fix."""
@@ -85,7 +87,9 @@ def _layers_in(model, message):
     for path in re.findall(r'"([\w./\-]+)@', message) + re.findall(r'"([\w.\-]+/[\w./\-]+)"', message):
         for part in path.split("/"):
             base = part if part in names else re.sub(r"_\d+$", "", part)
-            if base in names and base not in found and not hasattr(names[base], "layers"):
-                found.append(base)
+            if base in names and not hasattr(names[base], "layers"):
+                name = hooks.source_name(names[base])
+                if name not in found:
+                    found.append(name)
                 break
     return found

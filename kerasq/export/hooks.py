@@ -38,6 +38,11 @@ class ExportHook:
         """The name the file gives the model output `tensor` (e.g. the float model's), or None."""
         return None
 
+    def source_name(self, layer):
+        """The name of the layer of the user's own model that `layer` (of a model this feature made)
+        stands for, or None: error advice names that one."""
+        return None
+
     def float_layers(self, model):
         """The layers of a quantized `model` left in float on purpose (skipped or not annotated):
         export keeps their ops in float, and `verify_tflite` expects them there."""
@@ -105,6 +110,15 @@ def float_layers(model):
     for hook in list(_HOOKS):
         found.extend(layer for layer in hook.float_layers(model) if all(layer is not f for f in found))
     return found
+
+
+def source_name(layer):
+    """The name of the user's layer that `layer` stands for, as a hook knows it; else its own name."""
+    for hook in reversed(_HOOKS):
+        name = hook.source_name(layer)
+        if name is not None:
+            return name
+    return layer.name
 
 
 def output_name(tensor):

@@ -21,6 +21,9 @@ from kerasq.quantization.quantizers import tracing_for_export
 from kerasq.quantization.quantize import is_quantized
 
 
+_DEPTHWISE_SUFFIX = "_depthwise"  # see quantize._identity_depthwise
+
+
 class QuantizationExportHook(ExportHook):
     """kerasq's quantized models, as export sees them."""
 
@@ -40,6 +43,16 @@ class QuantizationExportHook(ExportHook):
             if source is not None and not isinstance(source, keras.layers.InputLayer):
                 return source.name
         return None
+
+    def source_name(self, layer):
+        """The float model's name for a `QuantizeWrapper` (its wrapped layer's; for a BatchNorm or
+        Rescaling/Normalization running as a 1x1 depthwise convolution, that layer's)."""
+        if not isinstance(layer, QuantizeWrapper):
+            return None
+        name = layer.layer.name
+        if layer.batchnorm is not None and not layer.layer.trainable and name.endswith(_DEPTHWISE_SUFFIX):
+            return name[: -len(_DEPTHWISE_SUFFIX)]
+        return name
 
     def float_layers(self, model):
         """The layers of a quantized model that compute in float: those `skip=` named, those
