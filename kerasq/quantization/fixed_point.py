@@ -103,6 +103,27 @@ def multiply_by_quantized_multiplier(x, multiplier):
     `x x m x 2^31 x 2^max(e, 0)` / 2^31 to an integer (ties up), then divides that by 2^max(-e, 0),
     rounding ties away from zero."""
     x = ops.cast(x, "float64")
+    mantissa, exponent = quantized_multiplier(multiplier)
+    high = ops.floor(x * mantissa * ops.power(2.0, ops.maximum(exponent, 0.0) - 31.0) + 0.5)
+    shifted = high * ops.power(2.0, ops.minimum(exponent, 0.0))
+    return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
+
+
+def multiply_wide_accumulator(x, multiplier):
+    """`x x multiplier` rounded as the int64 `MultiplyByQuantizedMultiplier` of LiteRT's 16x8
+    CONV_2D, DEPTHWISE_CONV_2D and TRANSPOSE_CONV rounds it, for integers `x` (|x| < 2^37), in
+    float64: the 31-bit mantissa rounded to its top 15 bits (capped at 2^15 - 1), the product
+    shifted right by 15 - e with ties rounded up."""
+    x = ops.cast(x, "float64")
+    mantissa, exponent = quantized_multiplier(multiplier)
+    reduced = ops.where(mantissa < 2147418112.0, ops.floor((mantissa + 2.0**15) / 2.0**16), 2.0**15 - 1.0)
+    shift = 15.0 - exponent
+    return ops.floor((x * reduced + ops.power(2.0, shift - 1.0)) * ops.power(2.0, -shift))
+
+
+def quantized_multiplier(multiplier):
+    """TFLite's `QuantizeMultiplier`: `(mantissa, exponent)` as float64 arrays with `multiplier =
+    mantissa x 2^(exponent - 31)` and the mantissa a 31-bit integer in [2^30, 2^31)."""
     multiplier = ops.cast(multiplier, "float64")
     exponent = ops.floor(ops.log2(multiplier)) + 1.0
     fraction = multiplier * ops.power(2.0, -exponent)
@@ -110,8 +131,4 @@ def multiply_by_quantized_multiplier(x, multiplier):
     exponent = ops.where(fraction >= 1.0, exponent + 1.0, ops.where(fraction < 0.5, exponent - 1.0, exponent))
     mantissa = ops.floor(multiplier * ops.power(2.0, 31.0 - exponent) + 0.5)
     carried = mantissa >= 2.0**31
-    mantissa = ops.where(carried, mantissa / 2.0, mantissa)
-    exponent = ops.where(carried, exponent + 1.0, exponent)
-    high = ops.floor(x * mantissa * ops.power(2.0, ops.maximum(exponent, 0.0) - 31.0) + 0.5)
-    shifted = high * ops.power(2.0, ops.minimum(exponent, 0.0))
-    return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
+    return ops.where(carried, mantissa / 2.0, mantissa), ops.where(carried, exponent + 1.0, exponent)

@@ -7,7 +7,7 @@ from keras import ops
 from kerasq import _keras_private
 from kerasq.graph import all_layers
 from kerasq.quantization import handlers as handlers_lib
-from kerasq.quantization import requantization, xnnpack
+from kerasq.quantization import fixed_point, requantization, xnnpack
 from kerasq.quantization.quantizers import ActivationQuantizer, is_calibrating, is_tracing_for_export
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 
@@ -430,11 +430,46 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return self._requantize_like_int16_kernels(
                 outputs, kernels, "pointwise_kernel", middle_range, self._kernel_output_range(index, ranges)
             )
-        bias = self._bias_on_int32_grid(bias, kernels, next(iter(kernels)), self._input_ranges[index])
+        name, input_range, output_range = next(iter(kernels)), self._input_ranges[index], self._kernel_output_range(index, ranges)
+        if not training and self._requantizes_like_int16_kernels(input_range, output_range) and _exact_in_float64():
+            return self._int16_kernel_outputs(inputs, kernels, bias, name, input_range, output_range)
+        bias = self._bias_on_int32_grid(bias, kernels, name, input_range)
         outputs = handler.linear(self.layer, inputs, kernels, bias)
-        return self._requantize_like_int16_kernels(
-            outputs, kernels, next(iter(kernels)), self._input_ranges[index], self._kernel_output_range(index, ranges)
+        return self._requantize_like_int16_kernels(outputs, kernels, name, input_range, output_range)
+
+    def _int16_kernel_outputs(self, inputs, kernels, bias, name, input_range, output_range):
+        """At inference, a 16x8 conv's outputs as LiteRT computes them: the int64 sum of int16 inputs
+        times int8 weights plus the int64 bias, exact in float64, scaled to the output with the
+        15-bit multiplier (`fixed_point.multiply_wide_accumulator`). Summed in float32, hundreds of
+        products of 16-bit values round by enough to put 0.05-0.2% of a layer's outputs a step off
+        the file's, 2-3 steps after six layers."""
+        axis = self._kernel_axis(name)
+        as_file = lambda steps: ops.cast(ops.cast(steps, "float32"), "float64")  # noqa: E731 (float32 in the file)
+        input_step = as_file(handlers_lib.file_step(*input_range))
+        kernel_steps = as_file(self._kernel_steps(kernels, name, axis, dtype="float64"))
+        levels = ops.round(ops.cast(inputs, "float64") / input_step)
+        kernel = ops.cast(kernels[name], "float64")
+        kernel_levels = ops.round(kernel / _along_output_channels(kernel_steps, axis, kernel.shape))
+        bias_levels = None if bias is None else self._bias_levels(bias, kernels, name, input_range)
+        accumulator = self.handler.linear(self.layer, levels, {name: kernel_levels}, bias_levels)
+        multiplier = input_step * kernel_steps / as_file(handlers_lib.file_step(*output_range))
+        output_levels = fixed_point.multiply_wide_accumulator(
+            accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape))
         )
+        return ops.cast(output_levels * as_file(handlers_lib.file_step(*output_range)), inputs.dtype)
+
+    def _kernel_axis(self, name):
+        axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
+        return axes[name]
+
+    def _bias_levels(self, bias, kernels, name, input_range):
+        """`bias` as the file's integers (float64): divided by input scale x weight scale in float64,
+        rounded half away from zero, as the converter does."""
+        step = requantization.activation_step(*input_range, dtype="float64") * self._kernel_steps(
+            kernels, name, self._kernel_axis(name), dtype="float64"
+        )
+        levels = ops.cast(bias, "float64") / ops.stop_gradient(step)
+        return ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
 
     def _bias_on_int32_grid(self, bias, kernels, name, input_range):
         """`bias` rounded as the file stores it: integers in steps of input scale x weight scale (per
@@ -446,32 +481,34 @@ class QuantizeWrapper(keras.layers.Wrapper):
         straight through; the export trace leaves the rounding to the converter."""
         if bias is None or input_range is None or not self.quantization_enabled or is_tracing_for_export():
             return bias
-        axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
-        step = ops.stop_gradient(
-            requantization.activation_step(*input_range, dtype="float64")
-            * self._kernel_steps(kernels, name, axes[name], dtype="float64")
+        step = requantization.activation_step(*input_range, dtype="float64") * self._kernel_steps(
+            kernels, name, self._kernel_axis(name), dtype="float64"
         )
-        levels = ops.cast(bias, "float64") / step
-        levels = ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
+        levels = ops.stop_gradient(self._bias_levels(bias, kernels, name, input_range))
         rounded = ops.stop_gradient(ops.cast(levels * step, bias.dtype))
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
-    def _requantize_like_int16_kernels(self, outputs, kernels, name, input_range, output_range):
-        """`outputs` scaled by the error of the 15-bit multiplier LiteRT's 16x8 kernels requantize with
-        (`kerasq.quantization.requantization`); unchanged for int8, and when tracing for export."""
-        applies = (
+    def _requantizes_like_int16_kernels(self, input_range, output_range):
+        """True where the file's op scales its int64 accumulator with LiteRT's 15-bit multiplier and
+        the QAT model mirrors it: 16-bit, quantizing, neither calibrating nor tracing for export."""
+        return (
             self.scheme.activations.bits == 16
             and self.handler.reduced_int16_multiplier
             and self.quantization_enabled
             and input_range is not None
             and output_range is not None
+            and not is_tracing_for_export()
+            and not is_calibrating()
         )
-        if not applies or is_tracing_for_export():
+
+    def _requantize_like_int16_kernels(self, outputs, kernels, name, input_range, output_range):
+        """`outputs` scaled by the error of the 15-bit multiplier LiteRT's 16x8 kernels requantize with
+        (`kerasq.quantization.requantization`); unchanged for int8, and when tracing for export."""
+        if not self._requantizes_like_int16_kernels(input_range, output_range):
             return outputs
-        axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         multiplier = (
             requantization.activation_step(*input_range)
-            * self._kernel_steps(kernels, name, axes[name])
+            * self._kernel_steps(kernels, name, self._kernel_axis(name))
             / requantization.activation_step(*output_range)
         )
         return requantization.scale_channels(outputs, requantization.multiplier_error(multiplier), self.layer)
@@ -619,6 +656,28 @@ def batchnorm_fold(bn, bias):
     gamma, beta = batchnorm_affine(bn)
     scale = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
     return scale, beta + (bias - bn.moving_mean) * scale
+
+
+def _exact_in_float64():
+    """True on backends that compute in float64 when asked (JAX does only with x64 enabled)."""
+    if keras.backend.backend() != "jax":
+        return True
+    import jax
+
+    return bool(jax.config.jax_enable_x64)
+
+
+def _along_output_channels(steps, axis, shape):
+    """Per-output-channel `steps` shaped to divide a kernel of `shape` whose output channels lie on
+    `axis` (an int, "depthwise" for the last two axes flattened, or None for one step)."""
+    rank = len(shape)
+    if axis is None or len(steps.shape) == 0:
+        return steps
+    if axis == "depthwise":
+        return ops.reshape(steps, (1,) * (rank - 2) + tuple(shape[-2:]))
+    broadcast = [1] * rank
+    broadcast[axis % rank] = -1
+    return ops.reshape(steps, broadcast)
 
 
 def _call_suffix(index):

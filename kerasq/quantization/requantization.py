@@ -73,7 +73,12 @@ def kernel_steps(weights_quantizer, quantized_kernel, axis):
 
 def scale_channels(outputs, factors, layer):
     """`outputs` with each output channel of `layer` multiplied by `factors` (one, or one per channel)."""
-    factors = ops.stop_gradient(factors)
-    if len(factors.shape) == 0 or getattr(layer, "data_format", "channels_last") != "channels_first":
-        return outputs * factors
-    return outputs * ops.reshape(factors, (1, -1) + (1,) * (len(outputs.shape) - 2))
+    return outputs * along_channels(ops.stop_gradient(factors), layer, len(outputs.shape))
+
+
+def along_channels(values, layer, rank):
+    """`values` (one, or one per output channel of `layer`) shaped to broadcast against its outputs
+    of `rank`."""
+    if len(values.shape) == 0 or getattr(layer, "data_format", "channels_last") != "channels_first":
+        return values
+    return ops.reshape(values, (1, -1) + (1,) * (rank - 2))
