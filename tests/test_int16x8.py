@@ -64,6 +64,14 @@ def test_named_scheme_has_16_bit_symmetric_activations_and_8_bit_weights():
     assert restored == scheme and restored != get_scheme("int8")
 
 
+def test_a_dict_of_schemes_is_pointed_to_layer_schemes():
+    with pytest.raises(ValueError, match="layer_schemes="):
+        get_scheme({"head": "int16x8"})
+    with pytest.raises(ValueError, match="Unknown quantization scheme 'int4'") as raised:
+        get_scheme("int4")
+    assert "layer_schemes" not in str(raised.value)
+
+
 def test_schemes_tflite_cannot_run_are_refused():
     with pytest.raises(ValueError, match="16-bit symmetric"):
         QuantizationScheme(activations=ActivationQuantizer(bits=16))  # asymmetric: TFLite's int16 has zero point 0

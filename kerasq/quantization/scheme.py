@@ -113,7 +113,11 @@ def get_scheme(scheme):
         return scheme
     if isinstance(scheme, str) and scheme in _NAMED_SCHEMES:
         return _NAMED_SCHEMES[scheme]()
+    per_layer = (
+        " Schemes per layer go in layer_schemes= ({layer name: scheme}), with scheme= for the rest."
+        if isinstance(scheme, dict) else ""
+    )
     raise ValueError(
         f"Unknown quantization scheme {scheme!r}. Pass one of {sorted(_NAMED_SCHEMES)} or a "
-        "kerasq.QuantizationScheme."
+        f"kerasq.QuantizationScheme.{per_layer}"
     )
