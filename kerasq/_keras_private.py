@@ -23,6 +23,14 @@ def producer(tensor):
     return producing_call(tensor)[0]
 
 
+def consumers(tensor):
+    """The layers (or operations) that take the symbolic `tensor` as an input, in call order."""
+    layer = producer(tensor)
+    if layer is None:
+        return []
+    return [node.operation for node in layer._outbound_nodes if any(t is tensor for t in node.arguments.keras_tensors)]
+
+
 def producing_call(tensor):
     """`(layer, call keyword arguments)` of the call that produced a symbolic `KerasTensor`.
 

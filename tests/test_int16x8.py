@@ -172,13 +172,68 @@ def test_softmax_and_sigmoid_outputs_take_tflites_int16_scale():
     assert verify_tflite(qat, content, x).passed  # LiteRT loads the LOGISTIC and computes as Keras does
 
 
-def test_mixing_int8_and_16x8_layers_is_refused_with_the_fix():
+def _mixed_cnn():
+    """An int8 CNN whose middle conv is annotated 16x8 (quantize_apply's path)."""
     inputs = keras.Input((8, 8, 1))
-    hidden = kerasq.quantize_annotate_layer(L.Conv2D(4, 3, activation="relu"))(inputs)
-    hidden = kerasq.quantize_annotate_layer(L.Conv2D(4, 3, activation="relu", name="wide"), scheme="int16x8")(hidden)
-    outputs = kerasq.quantize_annotate_layer(L.Dense(3))(kerasq.quantize_annotate_layer(L.Flatten())(hidden))
-    qat = kerasq.quantize_apply(keras.Model(inputs, outputs))
-    with pytest.raises(ExportError, match=r"16 bits in \['quant_wide'\].*cannot hold both.*scheme='int16x8'"):
+    hidden = kerasq.quantize_annotate_layer(L.Conv2D(8, 3, activation="relu"))(inputs)
+    hidden = kerasq.quantize_annotate_layer(L.Conv2D(8, 3, activation="relu", name="wide"), scheme="int16x8")(hidden)
+    outputs = kerasq.quantize_annotate_layer(L.Dense(10))(kerasq.quantize_annotate_layer(L.Flatten())(hidden))
+    return kerasq.quantize_apply(keras.Model(inputs, outputs))
+
+
+def _tensor_types(content):
+    graph = read_graph(content)
+    return [(op.name, [graph.tensors[i].dtype for i in op.inputs if i >= 0][:1], graph.tensors[op.outputs[0]].dtype)
+            for op in graph.ops]
+
+
+def test_int8_and_16x8_layers_in_one_file(digits, tmp_path):
+    """A 16x8 layer in an int8 model reads its input through a QUANTIZE to int16 and hands its output
+    back through a QUANTIZE to int8: LiteRT runs the file on every kernel path, fully integer, with
+    int8 inputs and outputs, at the floor. The QAT model quantizes again where the file does, with
+    the QUANTIZE kernel's fixed-point arithmetic."""
+    (x, y), (x_test, _) = digits
+    keras.utils.set_random_seed(0)
+    qat = _mixed_cnn()
+    qat.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x[:640], y[:640], epochs=2, verbose=0)
+    content = export_tflite(qat)
+    types = _tensor_types(content)
+    assert ("QUANTIZE", ["int8"], "int16") in types and ("QUANTIZE", ["int16"], "int8") in types, types
+    assert ("CONV_2D", ["int16"], "int16") in types and ("CONV_2D", ["int8"], "int8") in types, types
+    assert "MINIMUM" not in [name for name, _, _ in types]  # the guard is gone
+    tflite = TFLiteModel(content)
+    assert tflite.is_fully_integer and tflite.input_details[0]["dtype"] == np.int8
+    assert tflite.output_details[0]["dtype"] == np.int8
+    report = verify_tflite(qat, tflite, x_test)
+    assert report.passed, str(report)
+    qat.save(tmp_path / "mixed.keras")  # the requantizing Quantize layers save and load
+    loaded = keras.saving.load_model(tmp_path / "mixed.keras")
+    np.testing.assert_array_equal(loaded.predict(x_test, verbose=0), qat.predict(x_test, verbose=0))
+
+
+def test_a_16x8_softmax_between_int8_layers():
+    """layer_schemes= puts a Dense and its softmax at 16x8 in an int8 model; a 16x8 output layer makes
+    the file's output int16."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 8))
+    hidden = L.Softmax(name="weights")(L.Dense(8, name="scores")(L.Dense(8)(inputs)))
+    model = keras.Model(inputs, L.Dense(4, name="head")(L.Flatten()(hidden)))
+    x = RNG.normal(size=(256, 6, 8)).astype("float32")
+    qat = kerasq.quantize_model(model, calibration_data=x, layer_schemes={"scores": "int16x8", "weights": "int16x8"})
+    types = _tensor_types(export_tflite(qat))
+    assert ("SOFTMAX", ["int16"], "int16") in types and ("FULLY_CONNECTED", ["int8"], "int8") in types, types
+    assert verify_tflite(qat, export_tflite(qat), x).passed
+    wide_head = kerasq.quantize_model(model, calibration_data=x, layer_schemes={"head": "int16x8"})
+    tflite = TFLiteModel(export_tflite(wide_head))
+    assert tflite.input_details[0]["dtype"] == np.int8 and tflite.output_details[0]["dtype"] == np.int16
+
+
+def test_silu_inside_a_16x8_layer_is_refused_with_the_fix():
+    model = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="silu", name="gated"), L.Dense(3)])
+    qat = kerasq.quantize_model(model, scheme="int16x8")
+    qat(RNG.normal(size=(16, 6)).astype("float32"), training=True)
+    with pytest.raises(ExportError, match=r"both 16 and 8 bits inside \['quant_gated'\].*SiLU"):
         export_tflite(qat)
 
 

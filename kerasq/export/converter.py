@@ -110,16 +110,20 @@ def export_tflite(
         fake_quants = _fake_quant_nodes(fn)
         quantized = hooks.is_quantized(model) or bool(fake_quants)
         bits = _activation_bits(model, fake_quants)
-        mode = resolve_mode(mode, quantized=quantized, has_data=representative_data is not None, activation_bits=bits)
-        default = default_io_type(mode)
-        in_type = _resolve_type(input_type, default, "input_type", mode)
-        out_type = _resolve_type(output_type, default, "output_type", mode)
-        check_io_types(mode, in_type, out_type)
+        in_bits, out_bits = _io_bits(model, bits)
+        has_data = representative_data is not None
+        mode = resolve_mode(mode, quantized=quantized, has_data=has_data, activation_bits=in_bits)
+        # A file with int8 and int16 layers takes and returns the types of its inputs and outputs.
+        out_mode = mode if bits != "mixed" else resolve_mode(None, quantized=True, has_data=False, activation_bits=out_bits)
+        in_type = _resolve_type(input_type, default_io_type(mode), "input_type", mode)
+        out_type = _resolve_type(output_type, default_io_type(out_mode), "output_type", out_mode)
+        check_io_types(mode, in_type, default_io_type(mode))
+        check_io_types(out_mode, default_io_type(out_mode), out_type)
         calibration = None
         if representative_data is not None:
             calibration = calibration_samples(representative_data, specs)
-        content = _convert(model, fn, mode, calibration, tf_names, in_type, out_type)
-    if mode == "qat16x8":
+        content = _convert(model, fn, mode, calibration, tf_names, in_type, out_type, mixed=bits == "mixed")
+    if mode == "qat16x8" or bits == "mixed":
         content = make_runnable(content)
     try:
         content = reorder_io_by_name(content, tf_names, out_names)
@@ -139,15 +143,16 @@ def export_tflite(
     return content
 
 
-def _convert(model, fn, mode, calibration, tf_names, in_type, out_type):
+def _convert(model, fn, mode, calibration, tf_names, in_type, out_type, mixed=False):
     import keras
     import tensorflow as tf
 
     # Given ranges for a float op's inputs and output, the converter infers ranges for its constant
     # weights and quantizes it: a layer left in float would silently run int8 (and off its Keras
-    # model). Without inference, only what the model fake-quantizes is quantized.
+    # model). Without inference, only what the model fake-quantizes is quantized. (With int8 and
+    # int16 layers, inferred ranges also make it write no QUANTIZE between them.)
     keep_float = mode in ("qat", "qat16x8") and any(layer.weights for layer in hooks.float_layers(model))
-    inference = _constant_ranges_not_inferred() if keep_float else contextlib.nullcontext()
+    inference = _constant_ranges_not_inferred() if keep_float or mixed else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="kerasq-export-") as tmp, quiet() as log, inference:
         try:
             archive = keras.export.ExportArchive()
@@ -245,19 +250,40 @@ def _fake_quant_nodes(fn):
 
 
 def _activation_bits(model, fake_quants):
-    """16 when the model's activations are fake-quantized to 16 bits (the 16x8 scheme), else 8.
+    """16 when the model's activations are fake-quantized to 16 bits (the 16x8 scheme), 8 when to 8
+    bits, "mixed" for both (layers of each, with a requantizing `Quantize` between them).
 
     Weights are fake-quantized to at most 8 bits with a narrow range (per channel, or per tensor);
-    8-bit activations have the full range. A model with both 16-bit and 8-bit activations cannot
-    convert to a file LiteRT runs: `ExportError`.
+    8-bit activations have the full range. Activations of both widths without a requantizing
+    `Quantize` between them cannot convert to a file LiteRT runs: `ExportError`.
     """
     wide = [node for node in fake_quants if _num_bits(node) > 8]
     if not wide:
         return 8
     narrow = [node for node in fake_quants if _is_8_bit_activation(node)]
-    if narrow:
-        raise ExportError(_mixed_bits_message(model, wide, narrow))
-    return 16
+    if not narrow:
+        return 16
+    inside_wide = [name for name in _layer_names(model, narrow) if name in _layer_names(model, wide)]
+    if inside_wide:
+        raise ExportError(_mixed_bits_message(model, inside_wide))
+    return "mixed"
+
+
+def _io_bits(model, bits):
+    """`(input bits, output bits)`: `bits` for a model of one width; for one with int8 and int16
+    layers, the widths of its quantized inputs and outputs, each the same for all (`ExportError`)."""
+    if bits != "mixed":
+        return bits, bits
+    found = []
+    for what, tensors in (("inputs", model.inputs), ("outputs", model.outputs)):
+        widths = {hooks.activation_bits(tensor) for tensor in tensors} - {None}
+        if len(widths) > 1:
+            raise ExportError(
+                f"Model '{model.name}' has {what} quantized to both 8 and 16 bits; a file's {what} have one "
+                "type. Give the layers that produce them the same scheme (layer_schemes=)."
+            )
+        found.append(widths.pop() if widths else 8)
+    return tuple(found)
 
 
 def _num_bits(node):
@@ -270,15 +296,11 @@ def _is_8_bit_activation(node):
     return per_tensor and _num_bits(node) <= 8 and not narrow_range
 
 
-def _mixed_bits_message(model, wide, narrow):
-    sixteen, eight = _layer_names(model, wide), _layer_names(model, narrow)
+def _mixed_bits_message(model, layers):
     return (
-        f"Model '{model.name}' quantizes activations to 16 bits in {sixteen[:3]} and to 8 bits in "
-        f"{eight[:3]}. One file cannot hold both: TFLite's converter writes ops with int8 inputs and int16 "
-        "outputs between them, which LiteRT does not run. Quantize the whole model with one scheme, "
-        "kerasq.quantize_model(model, scheme='int16x8') or 'int8' (with quantize_annotate_layer, give all "
-        "layers the same scheme=). SiLU and hard sigmoid are simulated with an 8-bit intermediate and "
-        "have no 16x8 form: use another activation, or scheme='int8'."
+        f"Model '{model.name}' quantizes activations to both 16 and 8 bits inside {layers[:3]}: SiLU and "
+        "hard sigmoid are simulated with an 8-bit intermediate and have no 16x8 form. Use another "
+        "activation there, or give that layer scheme='int8' (layer_schemes={name: 'int8'})."
     )
 
 

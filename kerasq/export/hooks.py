@@ -43,6 +43,10 @@ class ExportHook:
         stands for, or None: error advice names that one."""
         return None
 
+    def activation_bits(self, tensor):
+        """The bit width (8 or 16) a model input or output `tensor` is quantized to, or None."""
+        return None
+
     def float_layers(self, model):
         """The layers of a quantized `model` left in float on purpose (skipped or not annotated):
         export keeps their ops in float, and `verify_tflite` expects them there."""
@@ -119,6 +123,15 @@ def source_name(layer):
         if name is not None:
             return name
     return layer.name
+
+
+def activation_bits(tensor):
+    """The bit width a hook says `tensor` is quantized to, or None."""
+    for hook in reversed(_HOOKS):
+        bits = hook.activation_bits(tensor)
+        if bits is not None:
+            return bits
+    return None
 
 
 def output_name(tensor):

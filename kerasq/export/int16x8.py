@@ -11,6 +11,10 @@ from the trained ranges alone, with two things LiteRT's int16 kernels do not run
   kernel writes scale 1/32768 and zero point 0 whatever the file says, so the file says that.
 
 The converter's post-training 16x8 path writes int64 biases and correct LOGISTIC outputs itself.
+
+A file with int8 and int16 layers has a QUANTIZE between them (see `kerasq.Quantize`'s
+`requantizes`), next to a MINIMUM with the highest value of its type and a RESHAPE to the same
+shape that only kept the converter from merging the two fake-quant ops; both are removed.
 """
 
 import numpy as np
@@ -43,7 +47,63 @@ def make_runnable(content):
                 _set_unit_scale(subgraph.tensors[op.outputs[0]])
     if clipped:
         raise ExportError(_clipped_bias_message(clipped))
+    for subgraph in model.subgraphs:
+        _drop_requantize_guards(model, subgraph, names)
     return _pack(model)
+
+
+_HIGHEST = {"INT8": 127, "INT16": 32767}
+
+
+def _drop_requantize_guards(model, subgraph, names):
+    """Removes the identities a requantizing `Quantize` leaves: each MINIMUM of a tensor with the
+    highest value of its type, and each RESHAPE to the same shape, that keeps its input's
+    quantization. Their readers read their input instead."""
+    schema = litert_schema()
+    type_names = {code: name for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    kept, renamed = [], {}
+    for op in subgraph.operators:
+        op.inputs = [renamed.get(index, index) for index in op.inputs]
+        name = _op_name(model, op, names)
+        guard = (name == "MINIMUM" and _is_guard(model, subgraph, op, type_names)) or (
+            name == "RESHAPE" and _is_identity_reshape(subgraph, op)
+        )
+        if guard and op.outputs[0] not in subgraph.outputs:
+            renamed[op.outputs[0]] = op.inputs[0]
+            continue
+        kept.append(op)
+    subgraph.operators = kept
+
+
+def _is_guard(model, subgraph, op, type_names):
+    if len(op.inputs) != 2:
+        return False
+    tensor, bound = (subgraph.tensors[index] for index in op.inputs)
+    highest = _HIGHEST.get(type_names.get(bound.type))
+    data = model.buffers[bound.buffer].data if bound.buffer else None
+    output = subgraph.tensors[op.outputs[0]]
+    if highest is None or data is None or bound.type != tensor.type or not _same_quantization(tensor, output):
+        return False
+    values = np.frombuffer(bytes(bytearray(data)), "<i1" if highest == 127 else "<i2")
+    return values.size == 1 and int(values[0]) == highest
+
+
+def _is_identity_reshape(subgraph, op):
+    tensor, output = subgraph.tensors[op.inputs[0]], subgraph.tensors[op.outputs[0]]
+    shapes = [list(t.shapeSignature if t.shapeSignature is not None else t.shape) for t in (tensor, output)]
+    return shapes[0] == shapes[1] and _same_quantization(tensor, output)
+
+
+def _same_quantization(a, b):
+    qa, qb = a.quantization, b.quantization
+    if qa is None or qb is None or qa.scale is None or qb.scale is None:
+        return False
+    return list(qa.scale) == list(qb.scale) and list(qa.zeroPoint) == list(qb.zeroPoint) and a.type == b.type
+
+
+def _op_name(model, op, names):
+    code = model.operatorCodes[op.opcodeIndex]
+    return names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
 
 
 def _reads_int16(subgraph, op, schema):

@@ -44,6 +44,22 @@ class QuantizationExportHook(ExportHook):
                 return source.name
         return None
 
+    def activation_bits(self, tensor):
+        """The bits of the range a model output is quantized with, or of the input `Quantize` layer
+        that reads a model input."""
+        layer = _keras_private.producer(tensor)
+        if isinstance(layer, keras.layers.InputLayer):
+            readers = [r for r in _keras_private.consumers(tensor) if isinstance(r, Quantize)]
+            return readers[0].quantizer.bits if readers else None
+        if isinstance(layer, keras.layers.Identity):  # an output keeping its name
+            return self.activation_bits(layer.input)
+        if isinstance(layer, Quantize):
+            return layer.quantizer.bits
+        if isinstance(layer, QuantizeWrapper):
+            output_range = layer.output_range
+            return output_range[0].bits if output_range is not None else layer.scheme.activations.bits
+        return None
+
     def source_name(self, layer):
         """The float model's name for a `QuantizeWrapper` (its wrapped layer's; for a BatchNorm or
         Rescaling/Normalization running as a 1x1 depthwise convolution, that layer's)."""

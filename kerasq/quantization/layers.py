@@ -17,7 +17,10 @@ class Quantize(keras.layers.Layer):
     """Fake-quantizes a float tensor with a range learned from the data.
 
     kerasq puts one after each model input, so the exported file takes int8 input, and after each
-    layer left in float whose output feeds a quantized layer.
+    layer left in float whose output feeds a quantized layer. With `requantizes=True` it quantizes
+    again, at its own bit width, a tensor a layer of another bit width quantized (an int8 layer's
+    output that an int16 layer reads, or the other way round): the file's QUANTIZE between int8
+    and int16, whose fixed-point arithmetic it mirrors at inference.
 
     Example:
     >>> import numpy as np
@@ -28,18 +31,59 @@ class Quantize(keras.layers.Layer):
     [-0.996, -0.502, 0.0, 0.502, 1.004]
     """
 
-    def __init__(self, quantizer=None, **kwargs):
+    def __init__(self, quantizer=None, requantizes=False, **kwargs):
         super().__init__(**kwargs)
         if isinstance(quantizer, dict):
             quantizer = keras.saving.deserialize_keras_object(quantizer)
         self.quantizer = quantizer or ActivationQuantizer()
+        self.requantizes = requantizes
         self.quantization_enabled = True  # False while kerasq.DelayQuantization holds it in float
+        object.__setattr__(self, "_source_range", None)
+
+    def __call__(self, inputs, *args, **kwargs):
+        if self.requantizes:
+            source = _input_range_of(inputs)
+            if source is not None:  # (none when called on values)
+                object.__setattr__(self, "_source_range", source)
+        return super().__call__(inputs, *args, **kwargs)
 
     def build(self, input_shape):
         self._range = self.quantizer.build(self)
 
     def call(self, inputs, training=None):
-        return self.quantizer(inputs, self._range, training=bool(training), enabled=self.quantization_enabled)
+        if self.requantizes and is_tracing_for_export():
+            # Two fake-quant ops in a row are one to the converter, and it folds a QUANTIZE into
+            # the conv or fully connected op before it, even from int8 to int16 (which LiteRT
+            # cannot run): a reshape in between, which export then removes, keeps it a QUANTIZE.
+            shape = tuple(inputs.shape[1:])
+            inputs = ops.minimum(inputs, np.float32(np.finfo("float32").max))
+            inputs = ops.reshape(ops.reshape(inputs, (-1, int(np.prod(shape)), 1)), (-1,) + shape)
+        outputs = self.quantizer(inputs, self._range, training=bool(training), enabled=self.quantization_enabled)
+        if self._mirrors_requantize(training):
+            return self._requantized(inputs)
+        return outputs
+
+    def _mirrors_requantize(self, training):
+        return (
+            self.requantizes and not training and self.quantization_enabled and self._source_range is not None
+            and not (is_calibrating() or is_tracing_for_export())
+        )
+
+    def _requantized(self, inputs):
+        """`inputs` (on the source's grid) as LiteRT's QUANTIZE computes them between int8 and int16:
+        the input level times `input scale / output scale` with TFLite's 31-bit fixed-point
+        multiplier, plus the zero point, clamped to the output type."""
+        source_step = handlers_lib.file_step(*self._source_range)
+        step = handlers_lib.file_step(self.quantizer, self._range)
+        low, high = self.quantizer.range(self._range)
+        quant_min = 1.0 if self.quantizer.symmetric else 0.0
+        levels = 2.0**self.quantizer.bits - 1.0
+        zero_point = ops.clip(ops.round(quant_min - low / step), quant_min, levels)
+        moved = fixed_point.multiply_by_quantized_multiplier(
+            ops.round(inputs / source_step), ops.cast(source_step, "float64") / ops.cast(step, "float64")
+        )
+        level = ops.clip(moved + ops.cast(zero_point, "float64"), quant_min, levels)
+        return ops.cast((level - ops.cast(zero_point, "float64")) * ops.cast(step, "float64"), inputs.dtype)
 
     def quantization_ranges(self):
         """{"output": (min, max)}: the range this layer quantizes with."""
@@ -57,10 +101,10 @@ class Quantize(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "quantizer": keras.saving.serialize_keras_object(self.quantizer),
-        }
+        config = {**super().get_config(), "quantizer": keras.saving.serialize_keras_object(self.quantizer)}
+        if self.requantizes:
+            config["requantizes"] = True
+        return config
 
 
 @keras.saving.register_keras_serializable(package="kerasq")

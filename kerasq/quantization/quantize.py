@@ -248,11 +248,14 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None, name_pref
         graph, lambda layer, rewrite: _substitute([plan[n.id] for n in graph.nodes_of(layer)], layer, rewrite)
     )
     substitute, names = rewrite.substitute, rewrite.names
+    boundaries = _PrecisionBoundaries(names)
 
     def call_layer(node, args, kwargs):
         step = plan[node.id]
         if step.action == _FOLDED:
             return args[0]
+        if step.action == _WRAP:
+            args, kwargs = boundaries.requantize((args, kwargs), step.scheme, f"{_unannotated(node.layer).name}_input")
         if not isinstance(node.layer, keras.layers.Layer):
             args, kwargs = keras.tree.map_structure(_as_float32_constant, (args, kwargs))
         if step.action == _WRAP and step.scheme.activations.bits == 8:
@@ -266,17 +269,25 @@ def _quantize(model, scheme, skip, annotated_only, layer_schemes=None, name_pref
             outputs = keras.ops.squeeze(outputs, 1)
         else:
             outputs = substitute(node)(*args, **kwargs)
-        if step.requantize and (step.action == _FLOAT or not step.quantize_config_output):
+        requantized = step.requantize and (step.action == _FLOAT or not step.quantize_config_output)
+        if requantized:
+            float_scheme = _consumers_scheme(graph, node, plan, scheme)
             outputs = keras.tree.map_structure(
-                lambda tensor: _quantize_float(tensor, scheme, names.take(f"{_unannotated(node.layer).name}_quantize")),
+                lambda tensor: _quantize_float(tensor, float_scheme, names.take(f"{_unannotated(node.layer).name}_quantize")),
                 outputs,
             )
+            boundaries.record(outputs, float_scheme)
+        elif step.action == _WRAP and step.quantize_output:
+            boundaries.record(outputs, step.scheme)
         return outputs
 
     def on_input(node, tensor):
         if annotated_only and not any(plan[c.id].action == _WRAP for c in graph.consumers(node)):
             return tensor
-        return _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
+        # At the model's scheme, whatever its first layers': the file's inputs have its type.
+        quantized = _quantize_float(tensor, scheme, names.take(f"quantize_{node.layer.name}"))
+        boundaries.record(quantized, scheme)
+        return quantized
 
     output_names = list(getattr(model, "output_names", None) or [])
     keep_names = len(output_names) > 1 and len(set(output_names)) == len(output_names)
@@ -432,10 +443,53 @@ def _identity_depthwise(batchnorm, rank):
     )
 
 
-def _quantize_float(tensor, scheme, name):
+def _quantize_float(tensor, scheme, name, requantizes=False):
     if not keras.backend.is_float_dtype(tensor.dtype):
         return tensor
-    return Quantize(scheme.activations, name=name, dtype=_COMPUTE_DTYPE)(tensor)
+    return Quantize(scheme.activations, requantizes=requantizes, name=name, dtype=_COMPUTE_DTYPE)(tensor)
+
+
+class _PrecisionBoundaries:
+    """Where a layer quantized at one activation bit width (int8) reads a tensor another wrote at
+    another (int16), the tensor is quantized again at the reader's, with a range of its own: one
+    QUANTIZE op between the int8 and int16 ops in the file, which LiteRT runs. A tensor read by
+    several such layers is quantized again once."""
+
+    def __init__(self, names):
+        self._names = names
+        self._bits = {}  # id(tensor) -> the activation bits it was quantized to
+        self._again = {}  # (id(tensor), bits) -> the tensor quantized again
+
+    def record(self, outputs, scheme):
+        for tensor in keras.tree.flatten(outputs):
+            self._bits[id(tensor)] = scheme.activations.bits
+
+    def requantize(self, structure, scheme, name):
+        """`structure` with each tensor quantized at other bits than `scheme`'s quantized again (a
+        `Quantize` layer named `name` and the bit width)."""
+        bits = scheme.activations.bits
+
+        def at_bits(value):
+            written = self._bits.get(id(value))
+            if written is None or written == bits:
+                return value
+            key = (id(value), bits)
+            if key not in self._again:
+                again = _quantize_float(value, scheme, self._names.take(f"{name}_int{bits}"), requantizes=True)
+                self.record(again, scheme)
+                self._again[key] = again
+            return self._again[key]
+
+        return keras.tree.map_structure(at_bits, structure)
+
+
+def _consumers_scheme(graph, node, plan, default):
+    """The scheme the quantized consumers of `node` share (so a float tensor is quantized once, at
+    their bit width), else `default`."""
+    schemes = [plan[c.id].scheme for c in graph.consumers(node) if plan[c.id].action == _WRAP]
+    if schemes and len({each.activations.bits for each in schemes}) == 1:
+        return schemes[0]
+    return default
 
 
 def _in_float32(layer):
@@ -537,7 +591,7 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
         if step.handler.producers_take_output_scale:
             for ref in node.input_refs:
                 producer = _producer_taking_scale(graph, graph.nodes[ref.node], steps)
-                if producer is not None:
+                if producer is not None and steps[producer.id].scheme.activations.bits == step.scheme.activations.bits:
                     steps[producer.id].quantize_output = False
 
     for node in graph.nodes:
@@ -626,7 +680,7 @@ def _fused_activation_follows(graph, node, output_node, steps):
     if step.action == _FLOAT and step.quantized_operation:
         # `keras.ops.relu(x)` written in the model: the converter fuses it as it fuses a ReLU layer.
         return handlers_lib.fused_operation_name(consumers[0].layer) is not None
-    if step.action != _WRAP:
+    if step.action != _WRAP or step.scheme.activations.bits != steps[node.id].scheme.activations.bits:
         return False
     return handlers_lib.fused_activation_name(_unannotated(consumers[0].layer)) is not None
 
