@@ -401,3 +401,24 @@ def test_a_dense_called_twice_rounds_its_bias_as_the_file_does(learn):
     report = kerasq.verify_tflite(qat, tflite, X)
     assert report.passed and report.outputs[0].max_diff <= 1 + 1e-3, str(report)
     assert len(kernel.scales) == 4
+
+
+def test_steps_start_learning_when_a_delay_ends():
+    """Under DelayQuantization the model trains in float first: its steps learn nothing then, and
+    learn once quantization starts; the file is fully int8 at the floor."""
+    keras.utils.set_random_seed(3)
+    qat = kerasq.quantize_model(_small_net(), _lsq_scheme(4, estimator="max"))
+    qat.compile(keras.optimizers.Adam(1e-2), LOSS)
+    states = {f"{layer.name}/{name}": state for layer in kerasq.quantization.layers.quantized_layers(qat)
+              for name, _, state in layer.weight_step_states()}
+    log_steps = lambda: {k: keras.ops.convert_to_numpy(s["log_step"]).copy() for k, s in states.items()}  # noqa: E731
+    before = log_steps()
+    qat.fit(X, Y, batch_size=8, epochs=1, verbose=0, callbacks=[kerasq.DelayQuantization(steps=4)])  # 4 batches
+    np.testing.assert_equal(log_steps(), before)  # all in float: nothing learned
+    qat.fit(X, Y, batch_size=8, epochs=2, verbose=0, callbacks=[kerasq.DelayQuantization(steps=4)])
+    learned = log_steps()
+    assert all(np.isfinite(v).all() for v in learned.values())
+    assert any(not np.array_equal(learned[k], before[k]) for k in before)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.is_fully_integer
+    assert kerasq.verify_tflite(qat, tflite, X).passed

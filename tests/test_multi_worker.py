@@ -19,6 +19,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 WORKER_TIMEOUT_S = 240  # two TensorFlow imports on 2 shared cores, 2 short epochs, one export
 INITIAL_RANGE = (-6.0, 6.0)  # ActivationQuantizer's init_min, init_max
@@ -31,7 +32,7 @@ COMMON = textwrap.dedent(
     f"""
     EPOCHS, GLOBAL_BATCH = {EPOCHS}, {GLOBAL_BATCH}
 
-    def qat_model():
+    def qat_model(learned=False):
         float_model = keras.Sequential([
             keras.Input((8, 8, 1)),
             keras.layers.Conv2D(8, 3, use_bias=False, name="conv"),
@@ -40,7 +41,12 @@ COMMON = textwrap.dedent(
             keras.layers.Flatten(),
             keras.layers.Dense(10, name="logits"),
         ])
-        model = kerasq.quantize_model(float_model)
+        scheme = "int8"
+        if learned:  # LSQ: trainable weight steps and activation ranges
+            scheme = kerasq.QuantizationScheme(
+                weights=kerasq.WeightQuantizer(learn_scale=True), activations=kerasq.ActivationQuantizer(learn_range="lsq")
+            )
+        model = kerasq.quantize_model(float_model, scheme=scheme)
         model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
@@ -86,7 +92,7 @@ WORKER = textwrap.dedent(
     out, task = sys.argv[1], json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = qat_model()
+        model = qat_model(learned=sys.argv[2] == "learned")
     dataset = sharded_digits()
     model.fit(dataset, epochs=EPOCHS, shuffle=False, verbose=0)
     np.savez(os.path.join(out, f"worker{task}.npz"), **{f"{i:02d} {v.path}": np.asarray(v) for i, v in enumerate(model.variables)})
@@ -115,7 +121,7 @@ MIRRORED = textwrap.dedent(
     keras.utils.set_random_seed(0)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        model = qat_model()
+        model = qat_model(learned=sys.argv[2] == "learned")
     dataset = sharded_digits()
     model.fit(dataset, epochs=EPOCHS, shuffle=False, verbose=0)
     for replica in range(2):  # each replica's own copy (the Keras variable holds a MirroredVariable)
@@ -192,7 +198,7 @@ def _assert_identical_trained_copies(copies, who):
     differing = [name for name in copies[0] if not np.array_equal(copies[0][name], copies[1][name])]
     assert not differing, {name: (f"{who} 0:", copies[0][name], f"{who} 1:", copies[1][name]) for name in differing}
     # Every range observed every training step, in both copies...
-    seen = {name: float(copies[0][name]) for name in copies[0] if name.endswith("_seen")}
+    seen = {name: float(copies[0][name]) for name in copies[0] if name.endswith("output_seen")}
     assert len(seen) == 3 and set(seen.values()) == {STEPS}, seen
     # ... and was estimated from the data: none is left at its initial value.
     unmoved = {name: float(copies[0][name]) for name in ranges if float(copies[0][name]) in INITIAL_RANGE}
@@ -211,9 +217,11 @@ def test_qat_trains_with_multi_worker_mirrored_strategy_across_two_processes(tmp
     assert facts[0]["parity_passed"], facts[0]["parity"]
 
 
-def test_qat_replicas_agree_under_mirrored_strategy_with_two_devices(tmp_path):
+@pytest.mark.parametrize("ranges", ["estimated", "learned"])
+def test_qat_replicas_agree_under_mirrored_strategy_with_two_devices(ranges, tmp_path):
+    """Replicas end with the same weights and ranges; with LSQ's learned steps and ranges too."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", MIRRORED, str(tmp_path), ranges], capture_output=True, text=True,
                             timeout=WORKER_TIMEOUT_S, env=env)
     assert result.returncode == 0, _tail(result.stderr)
     facts = json.loads((tmp_path / "facts.json").read_text())
