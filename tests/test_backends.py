@@ -46,6 +46,15 @@ TRAIN_ON_JAX = textwrap.dedent(
     qat.save(os.path.join(folder, "qat.keras"))
     np.save(os.path.join(folder, "qat_predictions.npy"), np.asarray(keras.ops.convert_to_numpy(qat.predict(x_test, verbose=0))))
 
+    lsq_scheme = kerasq.QuantizationScheme(
+        weights=kerasq.WeightQuantizer(bits=4, learn_scale=True), activations=kerasq.ActivationQuantizer(learn_range="lsq")
+    )
+    lsq = kerasq.quantize_model(model, scheme=lsq_scheme, calibration_data=x[:256])
+    lsq.compile(keras.optimizers.Adam(1e-3), loss)
+    lsq.fit(x, y, epochs=1, verbose=0)
+    lsq.save(os.path.join(folder, "lsq.keras"))
+    np.save(os.path.join(folder, "lsq_predictions.npy"), np.asarray(keras.ops.convert_to_numpy(lsq.predict(x_test, verbose=0))))
+
     pruned = kerasq.prune_low_magnitude(model, kerasq.PolynomialDecay(0.0, 0.6, 0, end_step=60, frequency=5))
     pruned.compile(keras.optimizers.Adam(1e-3), loss)
     pruned.fit(x, y, epochs=2, verbose=0, callbacks=[kerasq.UpdatePruningStep()])
@@ -102,6 +111,19 @@ def test_qat_model_trained_exports_and_matches_its_file(trained):
     tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
     assert tflite.is_fully_integer
     report = kerasq.verify_tflite(qat, tflite, x_test)
+    assert report.passed, str(report)
+
+
+def test_learned_steps_trained_export_at_the_floor(trained):
+    """LSQ's 4-bit learned weight steps and activation ranges train on the other backend too."""
+    lsq = _load(trained / "lsq.keras")
+    (_, _), (x_test, y_test) = load_digits()
+    here = np.asarray(lsq.predict(x_test, verbose=0))
+    assert np.mean(np.argmax(here, -1) == np.argmax(np.load(trained / "lsq_predictions.npy"), -1)) >= 0.99
+    assert np.mean(np.argmax(here, -1) == y_test) > 0.8
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(lsq))
+    assert tflite.is_fully_integer
+    report = kerasq.verify_tflite(lsq, tflite, x_test)
     assert report.passed, str(report)
 
 
