@@ -281,21 +281,24 @@ def test_multiplier_error_is_litert_s_15_bit_rounding():
     assert np.abs(ours / multipliers - 1).max() <= 2.0**-15
 
 
-@pytest.mark.parametrize("kind", ["conv", "depthwise"])
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "pooled_dense"])
 def test_a_deep_conv_chain_equals_the_file_to_the_step(kind, digits):
-    """At inference a 16x8 conv's output comes from its exact int64 accumulator (summed in float64)
-    scaled with LiteRT's 15-bit multiplier. Summed in float32, hundreds of products of 16-bit values
-    had rounded 0.05-0.2% of each layer's outputs a step away, 2-3 steps after six layers; now every
-    output of six layers equals the file's (16x8 kernel paths agree to the bit, so any path will do)."""
+    """At inference a 16x8 conv's or Dense's output comes from its exact int64 accumulator (summed
+    in float64) scaled as LiteRT scales it (the 15-bit multiplier for convolutions, the 31-bit one
+    rounded once for FULLY_CONNECTED), and an int16 MEAN from the exact sum with the 31-bit
+    multiplier rounded twice. Summed in float32, hundreds of products of 16-bit values had rounded
+    0.05-0.2% of each layer's outputs a step away, 2-3 steps after six layers; now every output
+    equals the file's on the reference kernels (the builtin FULLY_CONNECTED lands within a step of
+    them, the floor; the paths agree on the rest)."""
     _, (x_test, _) = digits
     keras.utils.set_random_seed(3)
     layers = [keras.Input((8, 8, 1)), L.Conv2D(16, 3, padding="same", activation="relu")]
     for _ in range(5):
-        layers.append(L.Conv2D(16, 3, padding="same") if kind == "conv" else L.DepthwiseConv2D(3, padding="same"))
+        layers.append(L.DepthwiseConv2D(3, padding="same") if kind == "depthwise" else L.Conv2D(16, 3, padding="same"))
         layers += [L.BatchNormalization(), L.ReLU()]
-    model = keras.Sequential(layers + [L.Flatten()])
-    qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x_test[:256])
-    tflite = TFLiteModel(export_tflite(qat))
+    layers += [L.GlobalAveragePooling2D(), L.Dense(10)] if kind == "pooled_dense" else [L.Flatten()]
+    qat = kerasq.quantize_model(keras.Sequential(layers), scheme="int16x8", calibration_data=x_test[:256])
+    tflite = TFLiteModel(export_tflite(qat), kernels="reference")
     (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
     levels = np.clip(np.round(x_test / in_scale) + in_zero, -32768, 32767).astype("int16")
     x = (levels.astype("float32") - in_zero) * np.float32(in_scale)

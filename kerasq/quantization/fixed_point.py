@@ -109,6 +109,43 @@ def multiply_by_quantized_multiplier(x, multiplier):
     return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
 
 
+def multiply_wide_by_quantized_multiplier(x, multiplier):
+    """`multiply_by_quantized_multiplier` exact for integers |x| < 2^31 (the int32 sums of 16-bit
+    values, as MEAN's), the 62-bit product taken in halves."""
+    mantissa, exponent = quantized_multiplier(multiplier)
+    x = ops.cast(x, "float64") * ops.power(2.0, ops.maximum(exponent, 0.0))
+    # gemmlowp's SaturatingRoundingDoublingHighMul: (x m + nudge) / 2^31, truncated toward zero.
+    high = _floor_of_scaled(ops.abs(x), mantissa, 31.0, 2.0**30 - ops.cast(x < 0.0, "float64"))
+    shifted = ops.sign(x) * high * ops.power(2.0, ops.minimum(exponent, 0.0))
+    return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
+
+
+def multiply_rounding_once(x, multiplier):
+    """`x x multiplier` for integers |x| < 2^31 as LiteRT's 16x8 FULLY_CONNECTED (reference kernels)
+    scales its accumulator: times the 31-bit mantissa, shifted right by 31 - e with ties rounded up,
+    one rounding. Exact in float64, the product taken in halves."""
+    mantissa, exponent = quantized_multiplier(multiplier)
+    x = ops.cast(x, "float64")
+    shift = 31.0 - exponent
+    half = ops.power(2.0, shift - 1.0)
+    # floor((x m + half) / 2^shift) for either sign, from |x|: -floor((|x| m - half) / 2^shift) = ...
+    add = ops.where(x >= 0.0, half, ops.power(2.0, shift) - 1.0 - half)
+    return ops.sign(x) * _floor_of_scaled(ops.abs(x), mantissa, shift, add)
+
+
+def _floor_of_scaled(magnitude, mantissa, shift, add):
+    """floor((magnitude x mantissa + add) / 2^shift), exact in float64 for integers magnitude and
+    mantissa below 2^31, 0 <= add < 2^shift and 16 <= shift <= 51: the mantissa is split into its
+    high and low 16 bits so each partial product has at most 47 bits."""
+    shift = ops.cast(shift, "float64")
+    high = ops.floor(mantissa / 2.0**16)
+    low = mantissa - high * 2.0**16
+    upper, lower = magnitude * high, magnitude * low
+    below = ops.power(2.0, shift - 16.0)
+    upper_high = ops.floor(upper / below)
+    return upper_high + ops.floor(((upper - upper_high * below) * 2.0**16 + lower + add) * ops.power(2.0, -shift))
+
+
 def multiply_wide_accumulator(x, multiplier):
     """`x x multiplier` rounded as the int64 `MultiplyByQuantizedMultiplier` of LiteRT's 16x8
     CONV_2D, DEPTHWISE_CONV_2D and TRANSPOSE_CONV rounds it, for integers `x` (|x| < 2^37), in

@@ -475,18 +475,27 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 outputs, kernels, "pointwise_kernel", middle_range, self._kernel_output_range(index, ranges)
             )
         name, input_range, output_range = next(iter(kernels)), self._input_ranges[index], self._kernel_output_range(index, ranges)
-        if not training and self._requantizes_like_int16_kernels(input_range, output_range) and _exact_in_float64():
+        if not training and self._computes_like_int16_kernels(input_range, output_range) and _exact_in_float64():
             return self._int16_kernel_outputs(inputs, kernels, bias, name, input_range, output_range)
         bias = self._bias_on_int32_grid(bias, kernels, name, input_range)
         outputs = handler.linear(self.layer, inputs, kernels, bias)
         return self._requantize_like_int16_kernels(outputs, kernels, name, input_range, output_range)
 
+    def _computes_like_int16_kernels(self, input_range, output_range):
+        """`_requantizes_like_int16_kernels`, for Dense too (whose 16x8 kernel rounds once)."""
+        if isinstance(self.handler, handlers_lib.DenseHandler):
+            return self._requantizes_like_int16_kernels(input_range, output_range, every_multiplier=True)
+        return self._requantizes_like_int16_kernels(input_range, output_range)
+
     def _int16_kernel_outputs(self, inputs, kernels, bias, name, input_range, output_range):
-        """At inference, a 16x8 conv's outputs as LiteRT computes them: the int64 sum of int16 inputs
-        times int8 weights plus the int64 bias, exact in float64, scaled to the output with the
-        15-bit multiplier (`fixed_point.multiply_wide_accumulator`). Summed in float32, hundreds of
-        products of 16-bit values round by enough to put 0.05-0.2% of a layer's outputs a step off
-        the file's, 2-3 steps after six layers."""
+        """At inference, a 16x8 conv's or Dense's outputs as LiteRT computes them: the int64 sum of
+        int16 inputs times int8 weights plus the int64 bias, exact in float64, scaled to the output
+        as the kernel scales it: with the 15-bit multiplier for convolutions
+        (`fixed_point.multiply_wide_accumulator`), the 31-bit one rounded once for FULLY_CONNECTED
+        (`fixed_point.multiply_rounding_once`, as the reference kernels do; the builtin ones land
+        within a step of them). Summed in float32, hundreds of products of 16-bit values round by
+        enough to put 0.05-0.2% of a layer's outputs a step off the file's, 2-3 steps after six
+        layers."""
         axis = self._kernel_axis(name)
         as_file = lambda steps: ops.cast(ops.cast(steps, "float32"), "float64")  # noqa: E731 (float32 in the file)
         input_step = as_file(handlers_lib.file_step(*input_range))
@@ -497,9 +506,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         bias_levels = None if bias is None else self._bias_levels(bias, kernels, name, input_range)
         accumulator = self.handler.linear(self.layer, levels, {name: kernel_levels}, bias_levels)
         multiplier = input_step * kernel_steps / as_file(handlers_lib.file_step(*output_range))
-        output_levels = fixed_point.multiply_wide_accumulator(
-            accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape))
-        )
+        scale = fixed_point.multiply_wide_accumulator if self.handler.reduced_int16_multiplier else fixed_point.multiply_rounding_once
+        output_levels = scale(accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape)))
+        output_levels = ops.clip(output_levels, -32768.0, 32767.0)
         return ops.cast(output_levels * as_file(handlers_lib.file_step(*output_range)), inputs.dtype)
 
     def _kernel_axis(self, name):
@@ -532,12 +541,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         rounded = ops.stop_gradient(ops.cast(levels * step, bias.dtype))
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
-    def _requantizes_like_int16_kernels(self, input_range, output_range):
-        """True where the file's op scales its int64 accumulator with LiteRT's 15-bit multiplier and
-        the QAT model mirrors it: 16-bit, quantizing, neither calibrating nor tracing for export."""
+    def _requantizes_like_int16_kernels(self, input_range, output_range, every_multiplier=False):
+        """True where the file's op scales its int64 accumulator with LiteRT's 15-bit multiplier (any
+        multiplier with `every_multiplier`) and the QAT model mirrors it: 16-bit, quantizing,
+        neither calibrating nor tracing for export."""
         return (
             self.scheme.activations.bits == 16
-            and self.handler.reduced_int16_multiplier
+            and (self.handler.reduced_int16_multiplier or every_multiplier)
             and self.quantization_enabled
             and input_range is not None
             and output_range is not None
