@@ -23,7 +23,7 @@ from kerasq.graph import facts as facts_lib
 from kerasq.graph import rules
 from kerasq.graph.registry import ClassRegistry
 from kerasq.graph.variables import replaced_variables
-from kerasq.quantization import fixed_point, requantization, xnnpack
+from kerasq.quantization import fixed_point, int16_softmax, requantization, xnnpack
 from kerasq.quantization.quantizers import is_calibrating, is_tracing_for_export
 
 QUANTIZE = "quantize"
@@ -232,17 +232,35 @@ class ActivationHandler(LayerHandler):
 
     def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
         name = _layer_activation_name(layer)
-        mirrors = name in ("relu", "relu6") and not (args or kwargs or simulation.training)
-        if mirrors and simulation.mirrors_int8_kernels:
+        plain = not (args or kwargs or simulation.training)
+        if plain and name in ("relu", "relu6") and simulation.mirrors_int8_kernels:
             input_step, output_step = simulation.input_file_step, simulation.rounding_step
             if input_step is not None and output_step is not None:
                 return requantized_relu(inputs, input_step, output_step, 6.0 if name == "relu6" else None)
+        if plain and name == "softmax" and _softmax_over_last_axis(layer) and _mirrors_int16_kernels(simulation):
+            input_step = simulation.input_file_step
+            if input_step is not None:
+                levels = ops.round(ops.cast(inputs, "float64") / ops.cast(input_step, "float64"))
+                return ops.cast(int16_softmax.softmax(levels, input_step) / 32768.0, inputs.dtype)
         return self.run(layer, inputs, *args, **kwargs)
 
     def run(self, layer, inputs, *args, **kwargs):
         if isinstance(layer, layers.Activation) and not args and not kwargs:
             return run_activation(layer.activation, inputs)
         return layer(inputs, *args, **kwargs)
+
+
+def _softmax_over_last_axis(layer):
+    axis = getattr(layer, "axis", -1)
+    return axis in (-1, [-1], (-1,))
+
+
+def _mirrors_int16_kernels(simulation):
+    """True at inference with 16-bit activations, quantizing, neither calibrating nor tracing."""
+    return (
+        simulation.enabled and simulation.bits == 16 and not simulation.training
+        and not (is_calibrating() or is_tracing_for_export())
+    )
 
 
 def run_activation(activation, x):
@@ -366,10 +384,7 @@ class GlobalAveragePoolingHandler(LayerHandler):
 
     def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
         input_step, output_step = simulation.input_file_step, simulation.output_step
-        mirrors = (
-            simulation.enabled and simulation.bits == 16 and not simulation.training
-            and not (args or kwargs.get("mask") is not None or is_calibrating() or is_tracing_for_export())
-        )
+        mirrors = _mirrors_int16_kernels(simulation) and not (args or kwargs.get("mask") is not None)
         if not mirrors or input_step is None or output_step is None:
             return layer(inputs, *args, **kwargs)
         rank = len(inputs.shape)
