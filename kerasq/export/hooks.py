@@ -118,26 +118,24 @@ def float_layers(model):
 
 def source_name(layer):
     """The name of the user's layer that `layer` stands for, as a hook knows it; else its own name."""
-    for hook in reversed(_HOOKS):
-        name = hook.source_name(layer)
-        if name is not None:
-            return name
-    return layer.name
+    name = _first_answer("source_name", layer)
+    return layer.name if name is None else name
 
 
 def activation_bits(tensor):
     """The bit width a hook says `tensor` is quantized to, or None."""
-    for hook in reversed(_HOOKS):
-        bits = hook.activation_bits(tensor)
-        if bits is not None:
-            return bits
-    return None
+    return _first_answer("activation_bits", tensor)
 
 
 def output_name(tensor):
     """The name the most recently registered hook that knows `tensor` gives it, or None."""
+    return _first_answer("output_name", tensor)
+
+
+def _first_answer(question, value):
+    """What the most recently registered hook that answers `question` (not None) about `value` says."""
     for hook in reversed(_HOOKS):
-        name = hook.output_name(tensor)
-        if name is not None:
-            return name
+        answer = getattr(hook, question)(value)
+        if answer is not None:
+            return answer
     return None
