@@ -92,7 +92,7 @@ WORKER = textwrap.dedent(
     out, task = sys.argv[1], json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = qat_model(learned=sys.argv[2] == "learned")
+        model = qat_model()
     dataset = sharded_digits()
     model.fit(dataset, epochs=EPOCHS, shuffle=False, verbose=0)
     np.savez(os.path.join(out, f"worker{task}.npz"), **{f"{i:02d} {v.path}": np.asarray(v) for i, v in enumerate(model.variables)})
