@@ -233,7 +233,7 @@ def test_silu_inside_a_16x8_layer_is_refused_with_the_fix():
     model = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="silu", name="gated"), L.Dense(3)])
     qat = kerasq.quantize_model(model, scheme="int16x8")
     qat(RNG.normal(size=(16, 6)).astype("float32"), training=True)
-    with pytest.raises(ExportError, match=r"both 16 and 8 bits inside \['quant_gated'\].*SiLU"):
+    with pytest.raises(ExportError, match=r"both 16 and 8 bits inside \['gated'\].*SiLU"):
         export_tflite(qat)
 
 

@@ -254,8 +254,8 @@ def _activation_bits(model, fake_quants):
     bits, "mixed" for both (layers of each, with a requantizing `Quantize` between them).
 
     Weights are fake-quantized to at most 8 bits with a narrow range (per channel, or per tensor);
-    8-bit activations have the full range. Activations of both widths without a requantizing
-    `Quantize` between them cannot convert to a file LiteRT runs: `ExportError`.
+    8-bit activations have the full range. Both widths inside one layer (the 8-bit intermediate of
+    SiLU or hard sigmoid in a 16x8 layer) have no 16x8 form: `ExportError`.
     """
     wide = [node for node in fake_quants if _num_bits(node) > 8]
     if not wide:
@@ -296,7 +296,9 @@ def _is_8_bit_activation(node):
     return per_tensor and _num_bits(node) <= 8 and not narrow_range
 
 
-def _mixed_bits_message(model, layers):
+def _mixed_bits_message(model, names):
+    by_name = {layer.name: layer for layer in model.layers}
+    layers = [hooks.source_name(by_name[name]) if name in by_name else name for name in names]
     return (
         f"Model '{model.name}' quantizes activations to both 16 and 8 bits inside {layers[:3]}: SiLU and "
         "hard sigmoid are simulated with an 8-bit intermediate and have no 16x8 form. Use another "
