@@ -229,6 +229,22 @@ def test_a_16x8_softmax_between_int8_layers():
     assert tflite.input_details[0]["dtype"] == np.int8 and tflite.output_details[0]["dtype"] == np.int16
 
 
+def test_an_int8_layer_in_a_16x8_model(digits):
+    """The other way round: a 16x8 model with one int8 conv takes and returns int16, fully integer,
+    at the floor."""
+    (x, _), (x_test, _) = digits
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(8, 3, activation="relu"),
+                              L.Conv2D(8, 3, activation="relu", name="narrow"), L.Flatten(), L.Dense(10)])
+    qat = kerasq.quantize_model(model, scheme="int16x8", layer_schemes={"narrow": "int8"}, calibration_data=x[:256])
+    content = export_tflite(qat)
+    types = _tensor_types(content)
+    assert ("CONV_2D", ["int8"], "int8") in types and ("CONV_2D", ["int16"], "int16") in types, types
+    tflite = TFLiteModel(content)
+    assert tflite.is_fully_integer and tflite.input_details[0]["dtype"] == tflite.output_details[0]["dtype"] == np.int16
+    assert verify_tflite(qat, tflite, x_test).passed
+
+
 def test_silu_inside_a_16x8_layer_is_refused_with_the_fix():
     model = keras.Sequential([keras.Input((6,)), L.Dense(8, activation="silu", name="gated"), L.Dense(3)])
     qat = kerasq.quantize_model(model, scheme="int16x8")
