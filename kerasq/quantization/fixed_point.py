@@ -109,28 +109,18 @@ def multiply_by_quantized_multiplier(x, multiplier):
     return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
 
 
-def multiply_wide_by_quantized_multiplier(x, multiplier):
+def multiply_wide_by_quantized_multiplier(x, multiplier, ties="away"):
     """`multiply_by_quantized_multiplier` exact for integers |x| < 2^31 (the int32 sums of 16-bit
-    values, as MEAN's), the 62-bit product taken in halves."""
+    values, as MEAN's), the 62-bit product taken in halves. `ties="up"` rounds the final shift's
+    ties up, as the builtin 16x8 FULLY_CONNECTED (ruy) does."""
     mantissa, exponent = quantized_multiplier(multiplier)
     x = ops.cast(x, "float64") * ops.power(2.0, ops.maximum(exponent, 0.0))
     # gemmlowp's SaturatingRoundingDoublingHighMul: (x m + nudge) / 2^31, truncated toward zero.
     high = _floor_of_scaled(ops.abs(x), mantissa, 31.0, 2.0**30 - ops.cast(x < 0.0, "float64"))
     shifted = ops.sign(x) * high * ops.power(2.0, ops.minimum(exponent, 0.0))
+    if ties == "up":
+        return ops.floor(shifted + 0.5)
     return ops.sign(shifted) * ops.floor(ops.abs(shifted) + 0.5)
-
-
-def multiply_rounding_once(x, multiplier):
-    """`x x multiplier` for integers |x| < 2^31 as LiteRT's 16x8 FULLY_CONNECTED (reference kernels)
-    scales its accumulator: times the 31-bit mantissa, shifted right by 31 - e with ties rounded up,
-    one rounding. Exact in float64, the product taken in halves."""
-    mantissa, exponent = quantized_multiplier(multiplier)
-    x = ops.cast(x, "float64")
-    shift = 31.0 - exponent
-    half = ops.power(2.0, shift - 1.0)
-    # floor((x m + half) / 2^shift) for either sign, from |x|: -floor((|x| m - half) / 2^shift) = ...
-    add = ops.where(x >= 0.0, half, ops.power(2.0, shift) - 1.0 - half)
-    return ops.sign(x) * _floor_of_scaled(ops.abs(x), mantissa, shift, add)
 
 
 def _floor_of_scaled(magnitude, mantissa, shift, add):

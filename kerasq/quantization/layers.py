@@ -491,9 +491,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """At inference, a 16x8 conv's or Dense's outputs as LiteRT computes them: the int64 sum of
         int16 inputs times int8 weights plus the int64 bias, exact in float64, scaled to the output
         as the kernel scales it: with the 15-bit multiplier for convolutions
-        (`fixed_point.multiply_wide_accumulator`), the 31-bit one rounded once for FULLY_CONNECTED
-        (`fixed_point.multiply_rounding_once`, as the reference kernels do; the builtin ones land
-        within a step of them). Summed in float32, hundreds of products of 16-bit values round by
+        (`fixed_point.multiply_wide_accumulator`), the 31-bit one rounded twice, the second time
+        ties up, for FULLY_CONNECTED (as LiteRT's builtin kernels do; the reference ones round once
+        and land within a step). Summed in float32, hundreds of products of 16-bit values round by
         enough to put 0.05-0.2% of a layer's outputs a step off the file's, 2-3 steps after six
         layers."""
         axis = self._kernel_axis(name)
@@ -505,11 +505,17 @@ class QuantizeWrapper(keras.layers.Wrapper):
         kernel_levels = ops.round(kernel / _along_output_channels(kernel_steps, axis, kernel.shape))
         bias_levels = None if bias is None else self._bias_levels(bias, kernels, name, input_range)
         accumulator = self.handler.linear(self.layer, levels, {name: kernel_levels}, bias_levels)
-        multiplier = input_step * kernel_steps / as_file(handlers_lib.file_step(*output_range))
-        scale = fixed_point.multiply_wide_accumulator if self.handler.reduced_int16_multiplier else fixed_point.multiply_rounding_once
-        output_levels = scale(accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape)))
+        output_step = as_file(handlers_lib.file_step(*output_range))
+        if self.handler.reduced_int16_multiplier:
+            multiplier = input_step * kernel_steps / output_step
+            output_levels = fixed_point.multiply_wide_accumulator(
+                accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape))
+            )
+        else:  # FULLY_CONNECTED multiplies the two scales in float32
+            multiplier = ops.cast(ops.cast(input_step, "float32") * ops.cast(kernel_steps, "float32"), "float64") / output_step
+            output_levels = fixed_point.multiply_wide_by_quantized_multiplier(accumulator, multiplier, ties="up")
         output_levels = ops.clip(output_levels, -32768.0, 32767.0)
-        return ops.cast(output_levels * as_file(handlers_lib.file_step(*output_range)), inputs.dtype)
+        return ops.cast(output_levels * output_step, inputs.dtype)
 
     def _kernel_axis(self, name):
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
