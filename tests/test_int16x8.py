@@ -297,6 +297,17 @@ def test_multiplier_error_is_litert_s_15_bit_rounding():
     assert np.abs(ours / multipliers - 1).max() <= 2.0**-15
 
 
+def _steps_from_file(qat, x):
+    """|QAT model - its default-kernel file| in output steps, both run on `x` as the file's int16
+    input levels (-32767 to 32767: 16-bit activations have a narrow symmetric range)."""
+    tflite = TFLiteModel(export_tflite(qat))
+    (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
+    levels = np.clip(np.round(x / in_scale) + in_zero, -32767, 32767).astype("int16")
+    on_grid = (levels.astype("float32") - in_zero) * np.float32(in_scale)
+    simulated = np.round(np.asarray(qat(on_grid, training=False)) / out_scale) + out_zero
+    return np.abs(simulated - tflite.predict(levels, raw=True))
+
+
 @pytest.mark.parametrize("kind", ["conv", "depthwise", "pooled_dense"])
 def test_a_deep_conv_chain_equals_the_file_to_the_step(kind, digits):
     """At inference a 16x8 conv's or Dense's output comes from its exact int64 accumulator (summed
@@ -313,12 +324,7 @@ def test_a_deep_conv_chain_equals_the_file_to_the_step(kind, digits):
         layers += [L.BatchNormalization(), L.ReLU()]
     layers += [L.GlobalAveragePooling2D(), L.Dense(10)] if kind == "pooled_dense" else [L.Flatten()]
     qat = kerasq.quantize_model(keras.Sequential(layers), scheme="int16x8", calibration_data=x_test[:256])
-    tflite = TFLiteModel(export_tflite(qat))
-    (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
-    levels = np.clip(np.round(x_test / in_scale) + in_zero, -32768, 32767).astype("int16")
-    x = (levels.astype("float32") - in_zero) * np.float32(in_scale)
-    simulated = np.round(np.asarray(qat(x, training=False)) / out_scale) + out_zero
-    difference = np.abs(simulated - tflite.predict(levels, raw=True))
+    difference = _steps_from_file(qat, x_test)
     if kind != "pooled_dense":
         assert difference.max() == 0, difference.max()
     else:  # the builtin FULLY_CONNECTED does not round every tie alike (see test_a_16x8_dense_...)
@@ -333,12 +339,7 @@ def test_int16_softmax_mirrors_the_kernel(depth, spread):
     model = keras.Model(inputs, L.Softmax()(inputs))
     x = (RNG.normal(size=(2000, depth)) * spread).astype("float32")
     qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x)
-    tflite = TFLiteModel(export_tflite(qat))
-    (in_scale, in_zero), (out_scale, out_zero) = tflite.input_quantization[0], tflite.output_quantization[0]
-    levels = np.clip(np.round(x / in_scale) + in_zero, -32768, 32767).astype("int16")
-    x = (levels.astype("float32") - in_zero) * np.float32(in_scale)
-    simulated = np.round(np.asarray(qat(x, training=False)) / out_scale) + out_zero
-    difference = np.abs(simulated - tflite.predict(levels, raw=True))
+    difference = _steps_from_file(qat, x)
     assert difference.max() <= 1 and np.mean(difference > 0) < 0.01, (difference.max(), np.mean(difference > 0))
 
 
@@ -353,9 +354,5 @@ def test_a_16x8_dense_rounds_as_the_default_kernels_do():
     model = keras.Model(inputs, L.Dense(10)(L.Dense(24)(inputs)))
     x = RNG.normal(size=(512, 24)).astype("float32")
     qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x)
-    tflite = TFLiteModel(export_tflite(qat))
-    (in_scale, _), (out_scale, _) = tflite.input_quantization[0], tflite.output_quantization[0]
-    levels = np.clip(np.round(x / in_scale), -32767, 32767).astype("int16")
-    simulated = np.round(np.asarray(qat(levels.astype("float32") * np.float32(in_scale), training=False)) / out_scale)
-    difference = np.abs(simulated - tflite.predict(levels, raw=True))
+    difference = _steps_from_file(qat, x)
     assert difference.max() <= 1 and np.mean(difference > 0) < 0.01, (difference.max(), np.mean(difference > 0))
