@@ -5,10 +5,9 @@ scaled by `input scale x beta / (10 / 65535)` with TFLite's 31-bit fixed-point m
 [-10, 0] spans the int16 range); exp from a 513-entry table with linear interpolation between
 entries; the sum's reciprocal from a second table, of 1 / (1 + x), after normalising the sum to
 [1, 2); and the product of the two rounded to the output's scale of 1/32768. The tables are built
-in float32 as LiteRT builds them (each entry nudged by half its midpoint's interpolation error).
+as LiteRT builds them (in float64, each entry nudged by half its midpoint's interpolation error).
 Computed in float, a softmax between Dense layers sat 4 output steps from its file; mirrored, a lone
-softmax equals LiteRT's on 99.7-99.98% of its outputs and is one step off on the rest (a detail of
-the kernel not found yet).
+softmax equals LiteRT's on every output tried (8,000-128,000 values, rows of 3 to 64).
 
 Example:
 >>> import numpy as np
@@ -27,41 +26,31 @@ _INT16_MIN, _INT16_MAX = -32768, 32767
 _STEPS = 512
 
 
-def _table(input_scale, input_zero_point, output_scale, transform):
-    """LiteRT's `LUTPopulate<int16_t>`: 513 int16 entries of `transform` over the int16 input range,
-    in float32 arithmetic, each nudged by half the rounding error of interpolating its midpoint."""
-    f32 = np.float32
-    input_scale, output_scale = f32(input_scale), f32(output_scale)
-    input_min = input_scale * f32(_INT16_MIN - input_zero_point)
-    input_max = input_scale * f32(_INT16_MAX - input_zero_point)
-    output_min, output_max = output_scale * f32(_INT16_MIN), output_scale * f32(_INT16_MAX)
-    step = (input_max - input_min) / f32(_STEPS)
-    half_step = step / f32(2)
-    scaling = f32(65536) / (output_max - output_min)
+def _table(function, input_min, input_max):
+    """LiteRT's `gen_lut` for int16 SOFTMAX: 513 entries of `function` over [input_min, input_max],
+    in float64, scaled by 32768 (an output range of [-1, 1]), each nudged by half the rounding
+    error of interpolating its midpoint."""
+    scaling = 65536.0 / 2.0
+    step = (input_max - input_min) / _STEPS
     table = np.empty(_STEPS + 1, np.int16)
     for i in range(_STEPS):
-        value = transform(input_min + f32(i) * step)
-        midpoint = transform(input_min + f32(i) * step + half_step)
-        following = transform(input_min + f32(i + 1) * step)
-        sample = _round(value * scaling)
-        interpolated = _round(((following * scaling) + _round(value * scaling)) / f32(2))
+        value = function(input_min + i * step)
+        midpoint = function(input_min + i * step + step / 2)
+        following = function(input_min + (i + 1) * step)
+        interpolated = _round((following * scaling + _round(value * scaling)) / 2)
         error = interpolated - _round(midpoint * scaling)
-        table[i] = np.clip(sample - _round(error / f32(2)), _INT16_MIN, _INT16_MAX)
-    table[_STEPS] = np.clip(_round(transform(input_max) * scaling), _INT16_MIN, _INT16_MAX)
+        table[i] = np.clip(_round(value * scaling) - _round(error / 2), _INT16_MIN, _INT16_MAX)
+    table[_STEPS] = np.clip(_round(function(input_max) * scaling), _INT16_MIN, _INT16_MAX)
     return table
 
 
 def _round(x):
-    """std::round on float32: half away from zero."""
-    x = np.float32(x)
-    return np.float32(np.sign(x) * np.floor(np.abs(x) + np.float32(0.5)))
+    """TfLiteRound: half away from zero."""
+    return float(np.sign(x) * np.floor(abs(x) + 0.5))
 
 
-_RANGE = _INT16_MAX - _INT16_MIN
-EXP_TABLE = _table(10.0 / _RANGE, _INT16_MAX, 2.0 / _RANGE, lambda v: np.exp(np.float32(v), dtype=np.float32))
-RECIPROCAL_TABLE = _table(
-    1.0 / _RANGE, _INT16_MIN, 2.0 / _RANGE, lambda v: np.float32(1.0) / (np.float32(1.0) + np.float32(v))
-)
+EXP_TABLE = _table(np.exp, -10.0, 0.0)
+RECIPROCAL_TABLE = _table(lambda v: 1.0 / (1.0 + v), 0.0, 1.0)
 
 
 def _lookup(value, table):
