@@ -482,7 +482,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return self._requantize_like_int16_kernels(outputs, kernels, name, input_range, output_range)
 
     def _computes_like_int16_kernels(self, input_range, output_range):
-        """`_requantizes_like_int16_kernels`, for Dense too (whose 16x8 kernel rounds once)."""
+        """`_requantizes_like_int16_kernels`, for Dense too (whose 16x8 kernel keeps the 31-bit
+        multiplier)."""
         if isinstance(self.handler, handlers_lib.DenseHandler):
             return self._requantizes_like_int16_kernels(input_range, output_range, every_multiplier=True)
         return self._requantizes_like_int16_kernels(input_range, output_range)
@@ -503,7 +504,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         levels = ops.round(ops.cast(inputs, "float64") / input_step)
         kernel = ops.cast(kernels[name], "float64")
         kernel_levels = ops.round(kernel / _along_output_channels(kernel_steps, axis, kernel.shape))
-        bias_levels = None if bias is None else self._bias_levels(bias, kernels, name, input_range)
+        bias_levels = None if bias is None else _levels_half_away(bias, self._bias_step(kernels, name, input_range))
         accumulator = self.handler.linear(self.layer, levels, {name: kernel_levels}, bias_levels)
         output_step = as_file(handlers_lib.file_step(*output_range))
         if self.handler.reduced_int16_multiplier:
@@ -521,14 +522,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         axes = self.handler.kernel_axes(self.layer) if self.calls == 1 else self.handler.shared_kernel_axes(self.layer)
         return axes[name]
 
-    def _bias_levels(self, bias, kernels, name, input_range):
-        """`bias` as the file's integers (float64): divided by input scale x weight scale in float64,
-        rounded half away from zero, as the converter does."""
-        step = requantization.activation_step(*input_range, dtype="float64") * self._kernel_steps(
-            kernels, name, self._kernel_axis(name), dtype="float64"
+    def _bias_step(self, kernels, name, input_range):
+        """The file's bias scale per output channel, input scale x weight scale, in float64 as the
+        converter computes it."""
+        return ops.stop_gradient(
+            requantization.activation_step(*input_range, dtype="float64")
+            * self._kernel_steps(kernels, name, self._kernel_axis(name), dtype="float64")
         )
-        levels = ops.cast(bias, "float64") / ops.stop_gradient(step)
-        return ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
 
     def _bias_on_int32_grid(self, bias, kernels, name, input_range):
         """`bias` rounded as the file stores it: integers in steps of input scale x weight scale (per
@@ -540,11 +540,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         straight through; the export trace leaves the rounding to the converter."""
         if bias is None or input_range is None or not self.quantization_enabled or is_tracing_for_export():
             return bias
-        step = requantization.activation_step(*input_range, dtype="float64") * self._kernel_steps(
-            kernels, name, self._kernel_axis(name), dtype="float64"
-        )
-        levels = ops.stop_gradient(self._bias_levels(bias, kernels, name, input_range))
-        rounded = ops.stop_gradient(ops.cast(levels * step, bias.dtype))
+        step = self._bias_step(kernels, name, input_range)
+        rounded = ops.stop_gradient(ops.cast(_levels_half_away(bias, step) * step, bias.dtype))
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
     def _requantizes_like_int16_kernels(self, input_range, output_range, every_multiplier=False):
@@ -716,6 +713,12 @@ def batchnorm_fold(bn, bias):
     gamma, beta = batchnorm_affine(bn)
     scale = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
     return scale, beta + (bias - bn.moving_mean) * scale
+
+
+def _levels_half_away(values, step):
+    """`values / step` in float64, rounded half away from zero (as the converter rounds biases)."""
+    levels = ops.cast(values, "float64") / step
+    return ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
 
 
 def _exact_in_float64():
