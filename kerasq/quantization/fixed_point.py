@@ -136,6 +136,19 @@ def _floor_of_scaled(magnitude, mantissa, shift, add):
     return upper_high + ops.floor(((upper - upper_high * below) * 2.0**16 + lower + add) * ops.power(2.0, -shift))
 
 
+def round_half_away(x):
+    """C's `round` of float64 values: to the nearest integer, ties away from zero. Exact where
+    `floor(|x| + 0.5)` is not: just below one half, that sum rounds up to 1."""
+    magnitude = ops.abs(x)
+    whole = ops.floor(magnitude)
+    return ops.sign(x) * (whole + ops.cast(magnitude - whole >= 0.5, whole.dtype))
+
+
+def wrap_int32(x):
+    """Integers `x` (float64) wrapped to int32 as a 32-bit accumulator wraps them."""
+    return x - ops.floor((x + 2.0**31) / 2.0**32) * 2.0**32
+
+
 def multiply_wide_accumulator(x, multiplier):
     """`x x multiplier` rounded as the int64 `MultiplyByQuantizedMultiplier` of LiteRT's 16x8
     CONV_2D, DEPTHWISE_CONV_2D and TRANSPOSE_CONV rounds it, for integers `x` (|x| < 2^37), in
@@ -151,6 +164,8 @@ def multiply_wide_accumulator(x, multiplier):
 def quantized_multiplier(multiplier):
     """TFLite's `QuantizeMultiplier`: `(mantissa, exponent)` as float64 arrays with `multiplier =
     mantissa x 2^(exponent - 31)` and the mantissa a 31-bit integer in [2^30, 2^31)."""
+    if isinstance(multiplier, (float, np.floating, np.ndarray)):
+        multiplier = np.asarray(multiplier, np.float64)  # a Python float would become a float32 tensor
     multiplier = ops.cast(multiplier, "float64")
     exponent = ops.floor(ops.log2(multiplier)) + 1.0
     fraction = multiplier * ops.power(2.0, -exponent)

@@ -492,9 +492,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """At inference, a 16x8 conv's or Dense's outputs as LiteRT computes them: the int64 sum of
         int16 inputs times int8 weights plus the int64 bias, exact in float64, scaled to the output
         as the kernel scales it: with the 15-bit multiplier for convolutions
-        (`fixed_point.multiply_wide_accumulator`), the 31-bit one rounded twice, the second time
-        ties up, for FULLY_CONNECTED (as LiteRT's builtin kernels do; the reference ones round once
-        and land within a step). Summed in float32, hundreds of products of 16-bit values round by
+        (`fixed_point.multiply_wide_accumulator`), as `requantization.fully_connected_int16` says
+        for FULLY_CONNECTED. Summed in float32, hundreds of products of 16-bit values round by
         enough to put 0.05-0.2% of a layer's outputs a step off the file's, 2-3 steps after six
         layers."""
         axis = self._kernel_axis(name)
@@ -512,9 +511,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             output_levels = fixed_point.multiply_wide_accumulator(
                 accumulator, requantization.along_channels(multiplier, self.layer, len(accumulator.shape))
             )
-        else:  # FULLY_CONNECTED multiplies the two scales in float32
-            multiplier = ops.cast(ops.cast(input_step, "float32") * ops.cast(kernel_steps, "float32"), "float64") / output_step
-            output_levels = fixed_point.multiply_wide_by_quantized_multiplier(accumulator, multiplier, ties="up")
+        else:
+            output_levels = requantization.fully_connected_int16(accumulator, input_step, kernel_steps, output_step, bias)
         output_levels = ops.clip(output_levels, -32768.0, 32767.0)
         return ops.cast(output_levels * output_step, inputs.dtype)
 

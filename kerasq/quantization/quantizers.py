@@ -473,6 +473,11 @@ class ActivationQuantizer(_Configurable):
             # The op's values (its nudged range is the file's scale and zero point), LSQ+'s gradient.
             surrogate = lsq_activations(x, low, high, self.bits, self.symmetric)
             quantized = ops.stop_gradient(quantized) + (surrogate - ops.stop_gradient(surrogate))
+        if self.symmetric and not training and not is_tracing_for_export():
+            # The file's kernels clamp a symmetric tensor to its type's minimum, -2^(bits-1): one
+            # step below the narrow range, where the fake-quant op stops.
+            step = (high - low) / (2.0**self.bits - 2.0)
+            quantized = ops.where(x < low - 0.5 * step, low - step, quantized)
         return quantized
 
     def round_like_tflite(self, x, state):

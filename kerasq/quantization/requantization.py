@@ -2,7 +2,8 @@
 
 CONV_2D, DEPTHWISE_CONV_2D and TRANSPOSE_CONV with int16 inputs multiply their int64 accumulator by
 `input scale x weight scale / output scale` held as a 15-bit fixed-point number: the 31-bit multiplier
-of the int8 kernels rounded to its top 15 bits (FULLY_CONNECTED keeps all 31). That multiplier is off
+of the int8 kernels rounded to its top 15 bits (FULLY_CONNECTED does otherwise:
+`fully_connected_int16`). That multiplier is off
 by up to one part in 2^15, which at 16 bits moved 4-7% of a layer's outputs by one step on random
 data (int8 outputs have 256 times fewer steps and do not notice); mirrored, under 1.2% stay apart,
 from float32 rounding. The QAT model multiplies its float accumulator by the same error,
@@ -20,6 +21,8 @@ True
 """
 
 from keras import ops
+
+from kerasq.quantization import fixed_point
 
 _MULTIPLIER_BITS = 15
 
@@ -82,3 +85,28 @@ def along_channels(values, layer, rank):
     if len(values.shape) == 0 or getattr(layer, "data_format", "channels_last") != "channels_first":
         return values
     return ops.reshape(values, (1, -1) + (1,) * (rank - 2))
+
+
+def fully_connected_int16(accumulator, input_scale, weight_scales, output_scale, bias):
+    """The int16 output levels of LiteRT's 16x8 FULLY_CONNECTED for its exact integer `accumulator`
+    (float64, bias included), the scales as float64 copies of the file's float32 ones.
+
+    The op has two kernels, and which one runs depends on the bias. With a bias tensor (int64) every
+    path requantizes in float64: `round(accumulator x (input scale x weight scale / output scale))`,
+    half away from zero. The converter drops a bias that is all zeros (an untrained Dense's, or
+    `use_bias=False`), and without one the default path runs ruy: an int32 sum, the per-tensor
+    multiplier taken from the scales' float32 product, held in 31 bits and rounded twice, the second
+    time ties up. The two differ by a step on about 0.2% of outputs.
+    """
+    in_float64 = fixed_point.round_half_away(accumulator * (input_scale * weight_scales / output_scale))
+    per_tensor = len(weight_scales.shape) == 0 or int(weight_scales.shape[-1]) == 1
+    if per_tensor:  # GetQuantizedConvolutionMultipler multiplies the two float32 scales in float32
+        product = ops.cast(ops.cast(input_scale, "float32") * ops.cast(weight_scales, "float32"), "float64")
+    else:
+        product = input_scale * weight_scales
+    by_ruy = fixed_point.multiply_wide_by_quantized_multiplier(
+        fixed_point.wrap_int32(accumulator), product / output_scale, ties="up"
+    )
+    if bias is None:
+        return by_ruy
+    return ops.where(ops.any(ops.not_equal(bias, 0.0)), in_float64, by_ruy)
