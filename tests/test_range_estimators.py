@@ -173,6 +173,26 @@ def test_mse_weight_clipping_lowers_the_4bit_error_and_the_file_holds_16_levels(
     assert len(kernels) == 2 and all(np.abs(k).max() <= 7 for k in kernels)  # 15 levels, stored as int8
 
 
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_mse_weight_ranges_of_wide_layers_fold_into_the_file(learn_scale):
+    """The MSE search over a kernel of 144 output channels (MobileNetV2's expansions at alpha 0.35)
+    is constant-folded by the converter into one range per channel, as for narrow layers: a
+    broadcasting select in it had been over the converter's folding limit from 137 channels on,
+    which left the fake-quant op in the graph and the export failed."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 24)),
+        keras.layers.Conv2D(144, 1, use_bias=False), keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.DepthwiseConv2D(3), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3),
+    ])
+    x = np.random.default_rng(0).normal(size=(64, 6, 6, 24)).astype("float32")
+    scheme = QuantizationScheme(weights=WeightQuantizer(bits=4, estimator="mse", learn_scale=learn_scale))
+    qat = kerasq.quantize_model(model, scheme, calibration_data=x)
+    tflite = kerasq.TFLiteModel(kerasq.export_tflite(qat))
+    assert tflite.is_fully_integer
+    assert kerasq.verify_tflite(qat, tflite, x).passed
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_low_bit_weights_export_at_the_floor(trained, digits, bits):
     (x, _), (x_test, _) = digits

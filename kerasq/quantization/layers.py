@@ -75,14 +75,11 @@ class Quantize(keras.layers.Layer):
         multiplier, plus the zero point, clamped to the output type."""
         source_step = handlers_lib.file_step(*self._source_range)
         step = handlers_lib.file_step(self.quantizer, self._range)
-        low, high = self.quantizer.range(self._range)
-        quant_min = 1.0 if self.quantizer.symmetric else 0.0
-        levels = 2.0**self.quantizer.bits - 1.0
-        zero_point = ops.clip(ops.round(quant_min - low / step), quant_min, levels)
+        _, zero_point = self.quantizer.grid(self._range)
         moved = fixed_point.multiply_by_quantized_multiplier(
             ops.round(inputs / source_step), ops.cast(source_step, "float64") / ops.cast(step, "float64")
         )
-        level = ops.clip(moved + ops.cast(zero_point, "float64"), quant_min, levels)
+        level = ops.clip(moved + ops.cast(zero_point, "float64"), 0.0, 2.0**self.quantizer.bits - 1.0)
         return ops.cast((level - ops.cast(zero_point, "float64")) * ops.cast(step, "float64"), inputs.dtype)
 
     def quantization_ranges(self):

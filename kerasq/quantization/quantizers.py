@@ -312,9 +312,13 @@ class WeightQuantizer(_Configurable):
             rounded = ops.clip(ops.round(weights / step), -levels, levels) * step
             errors.append(ops.sum(ops.square(rounded - weights), axis=reduce_axes))
         errors = ops.stack(errors)
-        fractions = ops.reshape(ops.convert_to_tensor(_MSE_FRACTIONS, dtype=weights.dtype), (-1,) + (1,) * (errors.ndim - 1))
+        # The fractions as a constant of the errors' shape: the converter folds no op whose result
+        # is over 2^16 bits and twice its operands', and a broadcasting select from (fractions, 1)
+        # is that from 137 channels on (the fake-quant op was then left in the file, unconverted).
+        fractions = np.broadcast_to(np.reshape(_MSE_FRACTIONS, (-1,) + (1,) * (errors.ndim - 1)), errors.shape)
         is_best = ops.less_equal(errors, ops.min(errors, axis=0, keepdims=True))
-        return ops.max(ops.where(is_best, fractions, 0.0), axis=0)
+        chosen = ops.where(is_best, ops.convert_to_tensor(fractions, dtype=weights.dtype), ops.zeros_like(errors))
+        return ops.max(chosen, axis=0)
 
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel, "narrow_range": self.narrow_range,
@@ -485,19 +489,25 @@ class ActivationQuantizer(_Configurable):
         bilinear resizing) do: to the nearest integer value, ties away from zero in the signed integer
         domain. `fake_quant` rounds ties up instead, which differs on every negative tie, and an average
         of 4 integers is a tie one time in four. The gradient passes straight through."""
-        low, high = self.range(state)
-        levels = 2**self.bits - 1
-        quant_min = 1.0 if self.symmetric else 0.0
-        # The same nudging TensorFlow's fake-quant (and so the TFLite converter) applies to the range.
-        scale = (high - low) / (levels - quant_min)
-        zero_point = ops.clip(ops.round(quant_min - low / scale), quant_min, float(levels))
+        scale, zero_point = self.grid(state)
         offset = float(2 ** (self.bits - 1))  # unsigned to signed
         signed = (x / scale + zero_point) - offset
         # Values here are averages of grid points, so a tie can come out a hair below .5.
         magnitude = ops.floor(ops.abs(signed) + 0.5 + 1e-4)
-        rounded = ops.clip(ops.sign(signed) * magnitude, quant_min - offset, levels - offset)
+        rounded = ops.clip(ops.sign(signed) * magnitude, -offset, offset - 1.0)
         snapped = (rounded + offset - zero_point) * scale
         return x + ops.stop_gradient(snapped - x)
+
+    def grid(self, state):
+        """`(step, zero point)` of the range `state` as TensorFlow's fake-quant nudges it (and the
+        converter writes it to the file), the zero point in unsigned levels 0 to 2^bits - 1. The
+        file's kernels clamp their outputs to those levels, the type's whole range: a symmetric
+        range's fake-quant stops one level above the bottom one."""
+        low, high = self.range(state)
+        levels = 2.0**self.bits - 1.0
+        quant_min = 1.0 if self.symmetric else 0.0
+        step = (high - low) / (levels - quant_min)
+        return step, ops.clip(ops.round(quant_min - low / step), quant_min, levels)
 
     def range(self, state, observed=None):
         """The (min, max) the next inference call quantizes with, 0 included. `observed`: the

@@ -75,11 +75,6 @@ def requantize(x, input_step, output_step):
 def round_half_up(x, quantizer, state):
     """`x` rounded onto the grid of `quantizer`'s range `state` as XNNPACK's int8 RESIZE_BILINEAR
     rounds: to the nearest level, ties up. The gradient passes straight through."""
-    low, high = quantizer.range(state)
-    levels = 2.0**quantizer.bits - 1.0
-    quant_min = 1.0 if quantizer.symmetric else 0.0
-    # The nudged grid of TensorFlow's fake-quant, which the converter writes to the file.
-    step = (high - low) / (levels - quant_min)
-    zero_point = ops.clip(ops.round(quant_min - low / step), quant_min, levels)
-    level = ops.clip(ops.floor(x / step + zero_point + 0.5 + _TIE_TOLERANCE), quant_min, levels)
+    step, zero_point = quantizer.grid(state)
+    level = ops.clip(ops.floor(x / step + zero_point + 0.5 + _TIE_TOLERANCE), 0.0, 2.0**quantizer.bits - 1.0)
     return x + ops.stop_gradient((level - zero_point) * step - x)
