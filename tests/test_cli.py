@@ -274,12 +274,16 @@ def test_convert_modes_of_a_float_model(tmp_path, capsys):
     for flag_values, name, text in (
         ({"calibration": calib}, "ptq.tflite", "post-training int8"),
         ({"int8": True, "calibration": calib}, "ptq2.tflite", "post-training int8"),
+        ({"int16x8": True, "calibration": calib}, "ptq16x8.tflite", "post-training 16x8"),
         ({"float16": True}, "fp16.tflite", "float16 weights"),
         ({"dynamic": True}, "dynamic.tflite", "dynamic-range int8 weights"),
     ):
         code, out, err = run_cli(capsys, "convert", keras_file, str(tmp_path / name), **flag_values)
         assert code == 0 and text in out and "Wrote a float32" not in out, (flag_values, out, err)
     assert TFLiteModel(tmp_path / "ptq.tflite").is_fully_integer
+    assert TFLiteModel(tmp_path / "ptq16x8.tflite").input_details[0]["dtype"] == np.int16
+    code, _, err = run_cli(capsys, "convert", keras_file, str(tmp_path / "y.tflite"), int16x8=True)
+    assert code == 1 and "--int16x8 for the float model" in err and one_line(err)
     kernels = {name: [w.dtype.name for w in TFLiteModel(tmp_path / name).weights().values() if w.shape == (64, 32)]
                for name in ("fp16.tflite", "dynamic.tflite")}
     assert kernels == {"fp16.tflite": ["float16"], "dynamic.tflite": ["int8"]}
@@ -299,6 +303,8 @@ def test_convert_verify_and_eval_the_demo_files(tiny_demo, tmp_path, capsys):
     assert "quantization-aware int8" in stdout and "fully integer" in stdout and TFLiteModel(out).is_fully_integer
     code, _, err = run_cli(capsys, "convert", qat_keras, str(tmp_path / "f.tflite"), float16=True)
     assert code == 1 and "--float16 is for float models" in err and one_line(err)
+    code, _, err = run_cli(capsys, "convert", qat_keras, str(tmp_path / "g.tflite"), int16x8=True)
+    assert code == 1 and "simulates int8 activations" in err and "--int8" in err and one_line(err)
 
     _, (x_test, y_test) = load_digits()
     np.savez(tmp_path / "test.npz", x=x_test, y=y_test)

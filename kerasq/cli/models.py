@@ -3,7 +3,7 @@
 Example:
 >>> from kerasq.cli.common import COMMANDS
 >>> COMMANDS["convert"].usage_line()
-'kerasq convert MODEL.keras OUT.tflite [--int8 [--calibration=INPUTS.npy] | --float16 | --dynamic]'
+'kerasq convert MODEL.keras OUT.tflite [--int8 | --int16x8 [--calibration=INPUTS.npy] | --float16 | --dynamic]'
 """
 
 import os
@@ -24,8 +24,12 @@ from kerasq.cli.common import (
 )
 
 flags.DEFINE_boolean("int8", False, "convert: a fully int8 file (a float model needs --calibration).")
+flags.DEFINE_boolean(
+    "int16x8", False, "convert: 16-bit activations and 8-bit weights (a float model needs --calibration)."
+)
 flags.DEFINE_string(
-    "calibration", None, "convert: .npy file (or .npz with x) of typical float model inputs, for post-training int8."
+    "calibration", None,
+    "convert: .npy file (or .npz with x) of typical float model inputs, for post-training int8 or 16x8.",
 )
 flags.DEFINE_boolean("float16", False, "convert: float16 weights, float32 compute (half the size; for GPU delegates).")
 flags.DEFINE_boolean(
@@ -37,10 +41,12 @@ flags.DEFINE_string("data", None, "verify/eval: .npz file with inputs x (and lab
 @command(
     "convert",
     ["MODEL.keras", "OUT.tflite"],
-    "export a saved Keras model to .tflite (int8, float16, dynamic-range or float32)",
+    "export a saved Keras model to .tflite (int8, 16x8, float16, dynamic-range or float32)",
     """Exports a Keras model saved with model.save("model.keras") to a .tflite file:
-  a QAT model (kerasq.quantize_model) becomes a fully int8 file by itself;
+  a QAT model (kerasq.quantize_model) becomes a fully integer file by itself (16x8 for
+  scheme="int16x8");
   a float model with --calibration=INPUTS.npy (and --int8, implied) a post-training int8 file;
+  a float model with --int16x8 --calibration=INPUTS.npy a post-training 16x8 file (int16 activations);
   a float model with --float16 a file with float16 weights (half the size; GPU delegates);
   a float model with --dynamic a dynamic-range file (int8 weights, float activations);
   a float model alone a float32 file.
@@ -48,9 +54,10 @@ INPUTS.npy holds a few hundred typical model inputs (np.save("inputs.npy", x_tra
 file with an array x works too.""",
     "kerasq convert model_qat.keras model_int8.tflite\n"
     "kerasq convert model.keras model_ptq_int8.tflite --int8 --calibration=inputs.npy\n"
+    "kerasq convert model.keras model_ptq_16x8.tflite --int16x8 --calibration=inputs.npy\n"
     "kerasq convert model.keras model_fp16.tflite --float16",
-    ["int8", "calibration", "float16", "dynamic"],
-    usage="[--int8 [--calibration=INPUTS.npy] | --float16 | --dynamic]",
+    ["int8", "int16x8", "calibration", "float16", "dynamic"],
+    usage="[--int8 | --int16x8 [--calibration=INPUTS.npy] | --float16 | --dynamic]",
     wrong_count="convert takes MODEL.keras and OUT.tflite; got {n} arguments.",
 )
 def convert(model_path, out_path):
@@ -59,11 +66,13 @@ def convert(model_path, out_path):
     from kerasq.export.modes import mode_text, resolve_mode
     from kerasq.quantization import is_quantized
 
-    chosen = [name for name in ("int8", "float16", "dynamic") if FLAGS[name].value]
+    chosen = [name for name in ("int8", "int16x8", "float16", "dynamic") if FLAGS[name].value]
     if len(chosen) > 1:
-        raise UsageError(f"choose one of --int8, --float16 and --dynamic; got {' and '.join('--' + c for c in chosen)}.")
-    if FLAGS.calibration and chosen and chosen[0] != "int8":
-        raise UsageError(f"--calibration is for --int8; --{chosen[0]} needs no calibration data.")
+        raise UsageError(
+            f"choose one of --int8, --int16x8, --float16 and --dynamic; got {' and '.join('--' + c for c in chosen)}."
+        )
+    if FLAGS.calibration and chosen and chosen[0] not in ("int8", "int16x8"):
+        raise UsageError(f"--calibration is for --int8 and --int16x8; --{chosen[0]} needs no calibration data.")
     calibration = None
     if FLAGS.calibration:
         calibration, _ = load_arrays(FLAGS.calibration, "--calibration")
@@ -71,31 +80,36 @@ def convert(model_path, out_path):
     quantized = is_quantized(model)
     if quantized and calibration is not None:
         raise CommandError(
-            f"--calibration is for float models; {model_path} is a QAT model, which converts to int8 without it."
+            f"--calibration is for float models; {model_path} is a QAT model, which converts without it."
         )
-    mode = {"int8": "int8", "float16": "float16", "dynamic": "dynamic"}.get(chosen[0] if chosen else None)
+    mode = chosen[0] if chosen else None
     if mode is None and calibration is not None:
         mode = "int8"
-    if mode == "int8" and not quantized and calibration is None:
+    if mode in ("int8", "int16x8") and not quantized and calibration is None:
+        scheme = ", scheme='int16x8'" if mode == "int16x8" else ""
         raise CommandError(
-            f"--int8 for the float model {model_path} needs calibration inputs: add --calibration=INPUTS.npy (a few "
+            f"--{mode} for the float model {model_path} needs calibration inputs: add --calibration=INPUTS.npy (a few "
             "hundred typical inputs, np.save('inputs.npy', x_train[:300])), or convert a QAT model "
-            "(kerasq.quantize_model), which needs none."
+            f"(kerasq.quantize_model(model{scheme})), which needs none."
         )
     if mode in ("float16", "dynamic") and quantized:
         raise CommandError(
             f"--{mode} is for float models; {model_path} is a QAT model, which converts to int8: drop --{mode}, or "
             f"convert the float model it was made from with --{mode}."
         )
-    internal = resolve_mode(mode, quantized=quantized, has_data=calibration is not None)
     bar = Progress("calibrating")
     try:
         with warnings.catch_warnings(record=True) as caught, calibration_progress(bar.update):
             warnings.simplefilter("always")
             export_tflite(model, out_path, mode=mode, representative_data=calibration)
+    except ValueError as error:  # e.g. a QAT model asked for the other activation width
+        raise CommandError(f"{model_path}: {_as_flags(error)}") from None
     finally:
         bar.close()
     tflite = load_tflite(out_path)
+    sixteen = any(t.dtype == "int16" and not t.is_constant for t in tflite.tensors)
+    internal = resolve_mode(mode if not quantized else None, quantized=quantized,
+                            has_data=calibration is not None, activation_bits=16 if sixteen else 8)
     integer = "fully integer" if tflite.is_fully_integer else "not fully integer"
     print(f"{out_path}: {mode_text(internal)}, {tflite.size_bytes:,} bytes, {len(tflite.ops)} ops, {integer}")
     for warning in caught:
@@ -181,3 +195,11 @@ def migrate(old_path, new_path):
         kind = "float model"
     print(f"{new_path}: {kind} migrated from {old_path}, {len(model.layers)} layers")
     return 0
+
+
+def _as_flags(error):
+    """`export_tflite`'s message with its `mode=` arguments written as this command's flags."""
+    text = str(error)
+    for mode in ("int16x8", "int8", "float16", "dynamic"):
+        text = text.replace(f"mode='{mode}'", f"--{mode}")
+    return text
