@@ -379,3 +379,38 @@ def test_float_inputs_are_quantized_as_the_files_quantize_op_does():
         steps = np.abs(np.round(np.asarray(qat(x, training=False)) / tflite.output_quantization[0][0])
                        - tflite.predict(x, raw=True))
         assert steps.max() == 0, (input_type, steps.max(), np.mean(steps > 0))
+
+
+def test_a_16x8_multiply_equals_the_file_to_the_step():
+    """int16 MUL: the product of the two input levels scaled by LiteRT's 31-bit multiplier (its
+    scales multiplied and divided in float32), rounded twice; in float32, about 0.1% of the
+    outputs had landed a step off."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8, 8, 3))
+    first, second = L.Conv2D(8, 3, padding="same")(inputs), L.Conv2D(8, 1)(inputs)
+    model = keras.Model(inputs, L.Flatten()(L.Multiply()([first, second])))
+    x = RNG.normal(size=(256, 8, 8, 3)).astype("float32")
+    qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x)
+    difference = _steps_from_file(qat, x)
+    assert difference.max() == 0, (difference.max(), np.mean(difference > 0))
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "attention_axes_masked"])
+def test_16x8_self_attention_equals_the_file_to_the_step(kind):
+    """MultiHeadAttention at 16x8: projections as 16x8 FULLY_CONNECTED, int16 BATCH_MATMULs (exact
+    sums, the 15-bit multiplier), the int16 SOFTMAX, a masked score at the scores' lowest level; in
+    float the file was 4 steps away on random inputs (its kernel paths 2 from each other)."""
+    keras.utils.set_random_seed(1)
+    if kind == "attention_axes_masked":
+        inputs = keras.Input((4, 5, 8))
+        mask = np.tril(np.ones((5, 5), bool))
+        attended = L.MultiHeadAttention(2, 4, attention_axes=(2,))(inputs, inputs, attention_mask=mask)
+        x = RNG.normal(size=(256, 4, 5, 8)).astype("float32")
+    else:
+        inputs = keras.Input((6, 16))
+        attended = L.MultiHeadAttention(2, 8)(inputs, inputs, use_causal_mask=kind == "causal")
+        x = RNG.normal(size=(256, 6, 16)).astype("float32")
+    model = keras.Model(inputs, L.Flatten()(attended))
+    qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x)
+    difference = _steps_from_file(qat, x)
+    assert difference.max() == 0, (difference.max(), np.mean(difference > 0))

@@ -35,8 +35,16 @@ Example:
 import keras
 from keras import layers, ops
 
+from kerasq.quantization import attention_int16, int16_softmax
 from kerasq.quantization.fixed_point import multiply_by_quantized_multiplier
-from kerasq.quantization.handlers import QUANTIZE, UNIT_RANGE, LayerHandler, activation_name, register_handler
+from kerasq.quantization.handlers import (
+    QUANTIZE,
+    UNIT_RANGE,
+    LayerHandler,
+    activation_name,
+    file_step,
+    register_handler,
+)
 from kerasq.quantization.quantizers import is_calibrating, is_tracing_for_export
 
 _RANGES = ("query", "key", "value", "scores", "context")
@@ -75,6 +83,11 @@ class MultiHeadAttentionHandler(LayerHandler):
                 key_mask=arguments["key_mask"], attention_mask=arguments["attention_mask"],
                 use_causal_mask=arguments["use_causal_mask"],
             )
+        self_attention = value is query and (key is None or key is query)
+        if self_attention and not layer._use_gate and simulation.mirrors_int16_kernels:
+            outputs = _attend_like_int16_kernels(layer, simulation, query, mask, return_scores)
+            if outputs is not None:
+                return outputs
         key = value if key is None else key
         q = simulation.activation("query", _projection(layer._query_dense, query, simulation, 1,
                                                        layer._inverse_sqrt_key_dim))
@@ -105,6 +118,42 @@ class MultiHeadAttentionHandler(LayerHandler):
         if return_scores:
             return outputs, layout.scores(probabilities, source)
         return outputs
+
+
+def _attend_like_int16_kernels(layer, simulation, query, mask, return_scores):
+    """Self-attention as LiteRT's 16x8 kernels compute it (`attention_int16`), at inference; None
+    where the input's or the output's range is not known here. A masked score is the lowest level
+    of the scores' range, as `_masked` makes it."""
+    if simulation.input_range is None or simulation.output_step is None:
+        return None
+    input_step = file_step(*simulation.input_range)
+    x = attention_int16.levels_of(query, input_step)
+    quantizer, scale = simulation.weight_quantizer, layer._inverse_sqrt_key_dim
+    from_input = (input_step, simulation.bias_step_of(simulation.input_range))
+    q = attention_int16.projection(x, from_input + (simulation.step("query"),), layer._query_dense, quantizer, 1, scale)
+    k = attention_int16.projection(x, from_input + (simulation.step("key"),), layer._key_dense, quantizer, 1)
+    v = attention_int16.projection(x, from_input + (simulation.step("value"),), layer._value_dense, quantizer, 1)
+    layout = _Layout(layer._attention_axes, q.shape)
+    q, k, v = layout.to_sequence(q), layout.to_sequence(k), layout.to_sequence(v)
+    scores_step = simulation.step("scores")
+    scores = attention_int16.batch_matmul(_SCORES, q, simulation.step("query"), k, simulation.step("key"), scores_step)
+    if mask is not None:
+        mask, groups = layout.mask(mask, layout)
+        lowest = ops.round(simulation.bounds("scores")[0] / scores_step)
+        scores = _grouped(ops.where, groups, mask, scores, ops.cast(lowest, scores.dtype))
+    probabilities = int16_softmax.softmax(scores, scores_step)
+    if mask is not None and (return_scores or not layout.plain):
+        probabilities = _grouped(ops.where, groups, mask, probabilities, 0.0)  # Keras's masked softmax
+    context = attention_int16.batch_matmul(
+        _CONTEXT, probabilities, attention_int16.PROBABILITY_STEP, v, simulation.step("value"), simulation.step("context")
+    )
+    context = layout.from_sequence(context)
+    steps = (simulation.step("context"), simulation.bias_step_of("context"), simulation.output_step)
+    outputs = attention_int16.projection(context, steps, layer._output_dense, quantizer, 2)
+    outputs = ops.cast(outputs * attention_int16.as_file(simulation.output_step), query.dtype)
+    if return_scores:
+        return outputs, layout.scores(ops.cast(probabilities * attention_int16.PROBABILITY_STEP, query.dtype), layout)
+    return outputs
 
 
 def _simulated(layer):

@@ -204,13 +204,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def __call__(self, inputs, *args, **kwargs):
         index = self._check_call_index(kwargs.get("call_index", 0))
         self._tell_producer_it_is_quantized_here(inputs, index)
-        if self.handler.producers_take_output_scale and isinstance(inputs, (list, tuple)):
+        reads_operands = self.handler.producers_take_output_scale or self.handler.reads_operand_ranges
+        if reads_operands and isinstance(inputs, (list, tuple)):
             sources = tuple(_input_range_of(tensor) for tensor in inputs)
             if any(source is not None for source in sources):  # (none when called on values)
                 operand_ranges = list(self._operand_ranges)
                 operand_ranges[index] = sources
                 object.__setattr__(self, "_operand_ranges", tuple(operand_ranges))
-        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or self.handler.has_kernels or self.handler.simulated:
+        reads_input = self.handler.has_kernels or self.handler.simulated or self.handler.intermediate_ranges(self.layer)
+        if self._policy in (handlers_lib.PASS_THROUGH, handlers_lib.SAME_SCALE) or reads_input:
             # Pass-through and same-scale ops keep their input's quantization (and 16x8 kernels scale
             # by it): find whose it is. This runs whenever the model graph is built, by quantize_model
             # and by .keras loading alike.
@@ -311,13 +313,15 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def call(self, inputs, *args, training=None, call_index=0, **kwargs):
         training = bool(training)
         ranges = self._ranges[call_index]
-        if self._operand_ranges[call_index] and not training and self._mirrors_int8_kernels:
+        concatenates = self.handler.producers_take_output_scale and self._operand_ranges[call_index]
+        if concatenates and not training and self._mirrors_int8_kernels:
             inputs = self._requantize_operands(inputs, call_index)
         if self.handler.has_kernels:
             outputs = self._call_kernels(inputs, ranges, training)
         elif self.handler.intermediate_ranges(self.layer) or self.handler.simulated:
             simulation = handlers_lib.Simulation(
-                self, ranges, training, self._input_ranges[call_index], self._concatenation_range(call_index)
+                self, ranges, training, self._input_ranges[call_index], self._concatenation_range(call_index),
+                self._operand_ranges[call_index],
             )
             outputs = self.handler.run_simulated(self.layer, simulation, inputs, *args, **kwargs)
         else:
