@@ -89,3 +89,23 @@ def test_a_fully_connected_without_a_bias_rounds_by_ruy_and_with_one_in_float64(
     in_float64 = accumulator * (scales[0] * scales[1] / scales[2])
     np.testing.assert_array_equal(with_bias, np.sign(in_float64) * np.floor(np.abs(in_float64) + 0.5))
     assert 0 < np.mean(without != with_bias) < 0.01
+
+
+def _rounding_divide_by_pot(x, exponent):
+    mask = (1 << exponent) - 1
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if (x & mask) > threshold else 0)
+
+
+@pytest.mark.parametrize("real, count", [(1.49, 12), (0.7, 36), (1.0, 64), (2.3, 7), (0.01, 1000)])
+def test_the_mean_multiplier_divides_the_mantissa_as_litert_does(real, count):
+    mantissa, exponent = _quantized_multiplier(real)
+    shift = min(int(math.floor(math.log2(count))), 32, 31 + exponent)
+    reduced, reduced_exponent = (mantissa << shift) // count, exponent - shift
+    x = _integers(3000, 32767 * count)
+    expected = [_rounding_divide_by_pot(_high_mul_away(int(v) * 2 ** max(reduced_exponent, 0), reduced),
+                                        max(-reduced_exponent, 0)) for v in x]
+    m, e = fixed_point.mean_multiplier(np.float64(real), count)
+    assert (float(m), float(e)) == (reduced, reduced_exponent)
+    mirrored = np.asarray(fixed_point.multiply_wide_by_mantissa(x.astype("float64"), m, e))
+    np.testing.assert_array_equal(mirrored, np.array(expected, dtype=np.float64))

@@ -414,3 +414,30 @@ def test_16x8_self_attention_equals_the_file_to_the_step(kind):
     qat = kerasq.quantize_model(model, scheme="int16x8", calibration_data=x)
     difference = _steps_from_file(qat, x)
     assert difference.max() == 0, (difference.max(), np.mean(difference > 0))
+
+
+def test_an_embedding_in_a_16x8_model_gathers_int8_rows():
+    """TFLite has no 16x8 GATHER from an 8-bit table: the embedding keeps 8-bit activations and a
+    QUANTIZE takes its rows to int16, which holds them exactly."""
+    keras.utils.set_random_seed(0)
+    tokens = RNG.integers(0, 17, size=(256, 12)).astype("int32")
+    inputs = keras.Input((12,), dtype="int32")
+    pooled = L.GlobalAveragePooling1D()(L.Embedding(17, 8)(inputs))
+    qat = kerasq.quantize_model(keras.Model(inputs, L.Dense(4)(pooled)), scheme="int16x8", calibration_data=tokens)
+    content = export_tflite(qat)
+    types = [(name, output) for name, _, output in _tensor_types(content)]
+    assert ("GATHER", "int8") in types and ("QUANTIZE", "int16") in types and ("MEAN", "int16") in types, types
+    report = verify_tflite(qat, TFLiteModel(content), tokens)
+    assert report.passed and report.outputs[0].max_diff == 0, str(report)
+
+
+def test_a_16x8_mean_over_a_count_not_a_power_of_two_equals_the_file():
+    """int16 MEAN divides its 31-bit multiplier by the count in integers; dividing the real
+    multiplier instead put 7% of a 12-value mean a step off (a power-of-two count hides it)."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((3, 4, 3))
+    pooled = L.GlobalAveragePooling2D()(L.Conv2D(8, 3, padding="same")(inputs))
+    x = RNG.normal(size=(256, 3, 4, 3)).astype("float32")
+    qat = kerasq.quantize_model(keras.Model(inputs, pooled), scheme="int16x8", calibration_data=x)
+    difference = _steps_from_file(qat, x)
+    assert difference.max() == 0, (difference.max(), np.mean(difference > 0))

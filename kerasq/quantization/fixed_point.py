@@ -114,6 +114,12 @@ def multiply_wide_by_quantized_multiplier(x, multiplier, ties="away"):
     values, as MEAN's), the 62-bit product taken in halves. `ties="up"` rounds the final shift's
     ties up, as the builtin 16x8 FULLY_CONNECTED (ruy) does."""
     mantissa, exponent = quantized_multiplier(multiplier)
+    return multiply_wide_by_mantissa(x, mantissa, exponent, ties)
+
+
+def multiply_wide_by_mantissa(x, mantissa, exponent, ties="away"):
+    """`multiply_wide_by_quantized_multiplier` for a multiplier already held as a 31-bit integer
+    `mantissa` (any below 2^31) and `exponent`: `mantissa x 2^(exponent - 31)`."""
     x = ops.cast(x, "float64") * ops.power(2.0, ops.maximum(exponent, 0.0))
     # gemmlowp's SaturatingRoundingDoublingHighMul: (x m + nudge) / 2^31, truncated toward zero.
     high = _floor_of_scaled(ops.abs(x), mantissa, 31.0, 2.0**30 - ops.cast(x < 0.0, "float64"))
@@ -159,6 +165,16 @@ def multiply_wide_accumulator(x, multiplier):
     reduced = ops.where(mantissa < 2147418112.0, ops.floor((mantissa + 2.0**15) / 2.0**16), 2.0**15 - 1.0)
     shift = 15.0 - exponent
     return ops.floor((x * reduced + ops.power(2.0, shift - 1.0)) * ops.power(2.0, -shift))
+
+
+def mean_multiplier(multiplier, count):
+    """`(mantissa, exponent)` with which LiteRT's quantized MEAN scales a sum of `count` values:
+    `quantized_multiplier(multiplier)` with the mantissa shifted left by floor(log2(count)) (at most
+    32, and at most 31 + exponent) and divided by `count` in integers, truncating, and the exponent
+    lowered by the same shift. Exact for counts below 2^21."""
+    mantissa, exponent = quantized_multiplier(multiplier)
+    shift = ops.minimum(ops.minimum(float(np.floor(np.log2(count))), 32.0), 31.0 + exponent)
+    return ops.floor(mantissa * ops.power(2.0, shift) / float(count)), exponent - shift
 
 
 def quantized_multiplier(multiplier):

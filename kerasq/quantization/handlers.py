@@ -407,10 +407,10 @@ class CenterCropHandler(LayerHandler):
 
 class GlobalAveragePoolingHandler(LayerHandler):
     """GlobalAveragePooling: an int8 or int16 MEAN. At inference with 16-bit activations the QAT
-    model computes it as LiteRT's int16 MEAN does: the sum of the input levels times
-    `input scale / (output scale x count)` with TFLite's 31-bit fixed-point multiplier, rounded
-    twice (`fixed_point.multiply_wide_by_quantized_multiplier`); in float32, 3% of a digits CNN's
-    pooled outputs had landed a step off."""
+    model computes it as LiteRT's int16 MEAN does: the sum of the input levels times the 31-bit
+    fixed-point multiplier of `input scale / output scale` divided by the count in integers
+    (`fixed_point.mean_multiplier`), rounded twice; in float32, 3% of a digits CNN's pooled outputs
+    had landed a step off, and dividing the real multiplier by a count not a power of two 7%."""
 
     simulated = True
 
@@ -427,8 +427,8 @@ class GlobalAveragePoolingHandler(LayerHandler):
         count = float(math.prod(inputs.shape[axis] for axis in axes))
         as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
         total = ops.sum(ops.round(ops.cast(inputs, "float64") / as_file(input_step)), axis=axes, keepdims=layer.keepdims)
-        multiplier = as_file(input_step) / as_file(output_step) / count
-        levels = ops.clip(fixed_point.multiply_wide_by_quantized_multiplier(total, multiplier), -32768.0, 32767.0)
+        mantissa, exponent = fixed_point.mean_multiplier(as_file(input_step) / as_file(output_step), count)
+        levels = ops.clip(fixed_point.multiply_wide_by_mantissa(total, mantissa, exponent), -32768.0, 32767.0)
         return ops.cast(levels * as_file(output_step), inputs.dtype)
 
 

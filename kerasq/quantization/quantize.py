@@ -517,6 +517,16 @@ class _Step:
         self.quantize_config_output = True
 
 
+def _gathering_scheme(scheme):
+    """An Embedding's scheme: `scheme`, but with 8-bit activations in place of 16-bit ones. Its
+    GATHER returns table rows in the table's type, int8 (TFLite has no 16x8 form of it), and a
+    QUANTIZE to int16 after it (`_PrecisionBoundaries`) holds those values exactly."""
+    if scheme.activations.bits != 16:
+        return scheme
+    return QuantizationScheme(weights=scheme.weights, fold_batchnorm=scheme.fold_batchnorm,
+                              freeze_batchnorm=scheme.freeze_batchnorm)
+
+
 def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
     """Decides, per layer call, whether it is wrapped, left in float, or folded into its producer."""
     steps, unsupported, inexact = {}, [], []
@@ -544,7 +554,9 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
         handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
         if handler is None:
             unsupported.append(node)
-        layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name) or scheme
+        layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name)
+        if layer_scheme is None:
+            layer_scheme = _gathering_scheme(scheme) if isinstance(layer, keras.layers.Embedding) else scheme
         config = getattr(node.layer, "quantize_config", None) if annotated_only else None
         if config is not None and handler is not None:
             kernels = list(handler.kernel_axes(layer)) if handler.has_kernels else []
