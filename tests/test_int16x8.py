@@ -395,8 +395,8 @@ def test_a_16x8_multiply_equals_the_file_to_the_step():
     assert difference.max() == 0, (difference.max(), np.mean(difference > 0))
 
 
-@pytest.mark.parametrize("kind", ["plain", "causal", "attention_axes_masked"])
-def test_16x8_self_attention_equals_the_file_to_the_step(kind):
+@pytest.mark.parametrize("kind", ["plain", "causal", "attention_axes_masked", "cross"])
+def test_16x8_attention_equals_the_file_to_the_step(kind):
     """MultiHeadAttention at 16x8: projections as 16x8 FULLY_CONNECTED, int16 BATCH_MATMULs (exact
     sums, the 15-bit multiplier), the int16 SOFTMAX, a masked score at the scores' lowest level; in
     float the file was 4 steps away on random inputs (its kernel paths 2 from each other)."""
@@ -406,6 +406,16 @@ def test_16x8_self_attention_equals_the_file_to_the_step(kind):
         mask = np.tril(np.ones((5, 5), bool))
         attended = L.MultiHeadAttention(2, 4, attention_axes=(2,))(inputs, inputs, attention_mask=mask)
         x = RNG.normal(size=(256, 4, 5, 8)).astype("float32")
+    elif kind == "cross":  # the context is a second input, with a range of its own
+        query, context = keras.Input((6, 16)), keras.Input((5, 16))
+        flat = L.Flatten()(L.MultiHeadAttention(2, 8)(query, L.Dense(16)(context)))
+        x = RNG.normal(size=(256, 6, 16)).astype("float32")
+        context_x = 3.0 * RNG.normal(size=(256, 5, 16)).astype("float32")
+        qat = kerasq.quantize_model(keras.Model([query, context], flat), scheme="int16x8",
+                                    calibration_data=[x, context_x])
+        report = verify_tflite(qat, export_tflite(qat), [x, context_x])
+        assert report.outputs[0].max_diff == 0, str(report)
+        return
     else:
         inputs = keras.Input((6, 16))
         attended = L.MultiHeadAttention(2, 8)(inputs, inputs, use_causal_mask=kind == "causal")

@@ -53,8 +53,13 @@ _RANGES = ("query", "key", "value", "scores", "context")
 class MultiHeadAttentionHandler(LayerHandler):
     """Self- and cross-attention, masked or not, over any attention axes, fully int8."""
 
+    reads_operand_ranges = True
+
     def __init__(self):
         super().__init__(output=QUANTIZE)
+
+    def operands(self, query, value=None, key=None, **kwargs):
+        return (query, value, key)
 
     def intermediate_ranges(self, layer):
         if not _simulated(layer):
@@ -83,9 +88,8 @@ class MultiHeadAttentionHandler(LayerHandler):
                 key_mask=arguments["key_mask"], attention_mask=arguments["attention_mask"],
                 use_causal_mask=arguments["use_causal_mask"],
             )
-        self_attention = value is query and (key is None or key is query)
-        if self_attention and not layer._use_gate and simulation.mirrors_int16_kernels:
-            outputs = _attend_like_int16_kernels(layer, simulation, query, mask, return_scores)
+        if not layer._use_gate and simulation.mirrors_int16_kernels:
+            outputs = _attend_like_int16_kernels(layer, simulation, query, value, key, mask, return_scores)
             if outputs is not None:
                 return outputs
         key = value if key is None else key
@@ -120,25 +124,33 @@ class MultiHeadAttentionHandler(LayerHandler):
         return outputs
 
 
-def _attend_like_int16_kernels(layer, simulation, query, mask, return_scores):
-    """Self-attention as LiteRT's 16x8 kernels compute it (`attention_int16`), at inference; None
-    where the input's or the output's range is not known here. A masked score is the lowest level
-    of the scores' range, as `_masked` makes it."""
-    if simulation.input_range is None or simulation.output_step is None:
+def _attend_like_int16_kernels(layer, simulation, query, value, key, mask, return_scores):
+    """Attention as LiteRT's 16x8 kernels compute it (`attention_int16`), at inference; None where
+    an input's or the output's range is not known here. A masked score is the lowest level of the
+    scores' range, as `_masked` makes it."""
+    ranges = simulation.operand_ranges or (simulation.input_range,)
+    query_range = ranges[0]
+    value_range = ranges[1] if len(ranges) > 1 and value is not None else query_range
+    key_range = ranges[2] if len(ranges) > 2 and key is not None else value_range
+    key = value if key is None else key
+    if None in (query_range, value_range, key_range, simulation.output_step):
         return None
-    input_step = file_step(*simulation.input_range)
-    x = attention_int16.levels_of(query, input_step)
-    quantizer, scale = simulation.weight_quantizer, layer._inverse_sqrt_key_dim
-    from_input = (input_step, simulation.bias_step_of(simulation.input_range))
-    q = attention_int16.projection(x, from_input + (simulation.step("query"),), layer._query_dense, quantizer, 1, scale)
-    k = attention_int16.projection(x, from_input + (simulation.step("key"),), layer._key_dense, quantizer, 1)
-    v = attention_int16.projection(x, from_input + (simulation.step("value"),), layer._value_dense, quantizer, 1)
-    layout = _Layout(layer._attention_axes, q.shape)
-    q, k, v = layout.to_sequence(q), layout.to_sequence(k), layout.to_sequence(v)
+    quantizer = simulation.weight_quantizer
+
+    def project(tensor, source, name, scale=None):
+        step = file_step(*source)
+        steps = (step, simulation.bias_step_of(source), simulation.step(name))
+        dense = getattr(layer, f"_{name}_dense")
+        return attention_int16.projection(attention_int16.levels_of(tensor, step), steps, dense, quantizer, 1, scale)
+
+    q = project(query, query_range, "query", layer._inverse_sqrt_key_dim)
+    k, v = project(key, key_range, "key"), project(value, value_range, "value")
+    layout, source = _Layout(layer._attention_axes, q.shape), _Layout(layer._attention_axes, k.shape)
+    q, k, v = layout.to_sequence(q), source.to_sequence(k), source.to_sequence(v)
     scores_step = simulation.step("scores")
     scores = attention_int16.batch_matmul(_SCORES, q, simulation.step("query"), k, simulation.step("key"), scores_step)
     if mask is not None:
-        mask, groups = layout.mask(mask, layout)
+        mask, groups = layout.mask(mask, source)
         lowest = ops.round(simulation.bounds("scores")[0] / scores_step)
         scores = _grouped(ops.where, groups, mask, scores, ops.cast(lowest, scores.dtype))
     probabilities = int16_softmax.softmax(scores, scores_step)
@@ -152,7 +164,7 @@ def _attend_like_int16_kernels(layer, simulation, query, mask, return_scores):
     outputs = attention_int16.projection(context, steps, layer._output_dense, quantizer, 2)
     outputs = ops.cast(outputs * attention_int16.as_file(simulation.output_step), query.dtype)
     if return_scores:
-        return outputs, layout.scores(ops.cast(probabilities * attention_int16.PROBABILITY_STEP, query.dtype), layout)
+        return outputs, layout.scores(ops.cast(probabilities * attention_int16.PROBABILITY_STEP, query.dtype), source)
     return outputs
 
 

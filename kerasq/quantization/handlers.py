@@ -111,6 +111,11 @@ class LayerHandler:
     def run(self, layer, inputs, *args, **kwargs):
         return layer(inputs, *args, **kwargs)
 
+    def operands(self, inputs, *args, **kwargs):
+        """The input tensors whose ranges `Simulation.operand_steps` gives, for a handler that
+        `reads_operand_ranges` of a layer called with them as separate arguments; None otherwise."""
+        return None
+
     def intermediate_ranges(self, layer):
         """Names of the int8 tensors the file holds between the ops this layer becomes (a layer
         TFLite runs as several ops: attention, layer normalization); each gets a learned range and
@@ -207,6 +212,12 @@ class Simulation:
         if isinstance(name_or_range, str):
             name_or_range = (self._wrapper.scheme.activations, self._ranges[name_or_range])
         return requantization.activation_step(*name_or_range, dtype="float64")
+
+    @property
+    def operand_ranges(self):
+        """`(quantizer, range variables)` of each input of a layer of several (None for one no
+        quantized layer produces); None where the handler does not read them."""
+        return self._operand_ranges
 
     @property
     def operand_steps(self):

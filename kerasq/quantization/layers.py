@@ -205,8 +205,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         index = self._check_call_index(kwargs.get("call_index", 0))
         self._tell_producer_it_is_quantized_here(inputs, index)
         reads_operands = self.handler.producers_take_output_scale or self.handler.reads_operand_ranges
-        if reads_operands and isinstance(inputs, (list, tuple)):
-            sources = tuple(_input_range_of(tensor) for tensor in inputs)
+        if reads_operands and not isinstance(inputs, (list, tuple)):
+            operands = self.handler.operands(inputs, *args, **kwargs)
+        else:
+            operands = inputs if reads_operands else None
+        if operands is not None:
+            sources = tuple(None if tensor is None else _input_range_of(tensor) for tensor in operands)
             if any(source is not None for source in sources):  # (none when called on values)
                 operand_ranges = list(self._operand_ranges)
                 operand_ranges[index] = sources
