@@ -30,6 +30,7 @@ import kerasq
 from kerasq.data import load_digits
 from kerasq.demo import BATCH_SIZE, LEARNING_RATE, build_model
 
+from models import mobilenet_v2  # benchmarks/models.py
 from plotting import pyplot  # benchmarks/plotting.py
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -39,22 +40,13 @@ QUANTIZERS = {"max": {"estimator": "max"}, "mse": {"estimator": "mse"},
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def mobilenet_v2():
-    model = keras.applications.MobileNetV2(input_shape=(32, 32, 1), alpha=0.35, weights=None, classes=10,
-                                           classifier_activation=None)
-    for layer in model.layers:  # small data: the default 0.999 barely moves in a few hundred steps
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.9
-    return model
-
-
 # Per model: its builder, the digits' image size, and the defaults of the options.
 MODELS = {
     "digits_cnn": dict(title="The demo's digits CNN", build=build_model, image_size=8, epochs=12,
                        lr=LEARNING_RATE, qat_epochs=4, qat_lr=1e-3, bits=(8, 4, 3, 2),
                        estimators=("max", "mse", "lsq"), parity_samples=None),
     "mobilenet_v2": dict(title="keras.applications.MobileNetV2 (alpha 0.35, weights=None) on the digits at 32x32",
-                         build=mobilenet_v2, image_size=32, epochs=15, lr=3e-3, qat_epochs=3, qat_lr=1e-3,
+                         build=lambda: mobilenet_v2((32, 32, 1)), image_size=32, epochs=15, lr=3e-3, qat_epochs=3, qat_lr=1e-3,
                          bits=(8, 4, 2), estimators=("max",),
                          parity_samples=150),  # the reference kernels take seconds per MobileNetV2 image batch
 }
