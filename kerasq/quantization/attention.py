@@ -35,7 +35,7 @@ Example:
 import keras
 from keras import layers, ops
 
-from kerasq.quantization import attention_int16, int16_softmax
+from kerasq.quantization import attention_int16, int16_softmax, requantization
 from kerasq.quantization.fixed_point import multiply_by_quantized_multiplier
 from kerasq.quantization.handlers import (
     QUANTIZE,
@@ -88,7 +88,7 @@ class MultiHeadAttentionHandler(LayerHandler):
                 key_mask=arguments["key_mask"], attention_mask=arguments["attention_mask"],
                 use_causal_mask=arguments["use_causal_mask"],
             )
-        if not layer._use_gate and simulation.mirrors_int16_kernels:
+        if simulation.mirrors_int16_kernels:
             outputs = _attend_like_int16_kernels(layer, simulation, query, value, key, mask, return_scores)
             if outputs is not None:
                 return outputs
@@ -159,8 +159,17 @@ def _attend_like_int16_kernels(layer, simulation, query, value, key, mask, retur
     context = attention_int16.batch_matmul(
         _CONTEXT, probabilities, attention_int16.PROBABILITY_STEP, v, simulation.step("value"), simulation.step("context")
     )
-    context = layout.from_sequence(context)
-    steps = (simulation.step("context"), simulation.bias_step_of("context"), simulation.output_step)
+    context, context_range = layout.from_sequence(context), "context"
+    if layer._use_gate:
+        # LOGISTIC's int16 table is LiteRT's own (not sigmoid(i / 24) rounded, to the step): the
+        # sigmoid here is exact, rounded to its 1/32768 output, within a step of it.
+        gate = project(query, query_range, "gate") * attention_int16.as_file(simulation.step("gate"))
+        gate = ops.clip(ops.round(ops.sigmoid(gate) / attention_int16.PROBABILITY_STEP), 0.0, 32767.0)
+        context = requantization.multiply_int16(
+            context, simulation.step("context"), gate, attention_int16.PROBABILITY_STEP, simulation.step("gated")
+        )
+        context_range = "gated"
+    steps = (simulation.step(context_range), simulation.bias_step_of(context_range), simulation.output_step)
     outputs = attention_int16.projection(context, steps, layer._output_dense, quantizer, 2)
     outputs = ops.cast(outputs * attention_int16.as_file(simulation.output_step), query.dtype)
     if return_scores:

@@ -9,8 +9,8 @@ same ranges:
   the 16x8 kernels (`fixed_point.multiply_wide_accumulator`), the operands' float32 scales
   multiplied in float32;
 - SOFTMAX is `int16_softmax.softmax`, its output at scale 1/32768.
-`attention.MultiHeadAttentionHandler` uses these for attention without a gate (whose int16
-LOGISTIC is not mirrored: gated attention runs the float ops, rounded to the same ranges).
+`attention.MultiHeadAttentionHandler` uses these, and for a gate's int16 LOGISTIC (a table of
+LiteRT's own) the exact sigmoid rounded to its output, within a step.
 """
 
 from keras import ops

@@ -463,12 +463,8 @@ class MultiplyHandler(LayerHandler):
             return layer(inputs, *args, **kwargs)
         as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
         first, second = (ops.round(ops.cast(x, "float64") / as_file(step)) for x, step in zip(inputs, steps))
-        # MUL's Prepare multiplies and divides the three float32 scales in float32.
-        multiplier = ops.cast(
-            ops.cast(steps[0], "float32") * ops.cast(steps[1], "float32") / ops.cast(output_step, "float32"), "float64"
-        )
-        levels = fixed_point.multiply_wide_by_quantized_multiplier(first * second, multiplier)
-        return ops.cast(ops.clip(levels, -32768.0, 32767.0) * as_file(output_step), inputs[0].dtype)
+        levels = requantization.multiply_int16(first, steps[0], second, steps[1], output_step)
+        return ops.cast(levels * as_file(output_step), inputs[0].dtype)
 
 
 class LeakyReLUHandler(LayerHandler):

@@ -110,3 +110,14 @@ def fully_connected_int16(accumulator, input_scale, weight_scales, output_scale,
     if bias is None:
         return by_ruy
     return ops.where(ops.any(ops.not_equal(bias, 0.0)), in_float64, by_ruy)
+
+
+def multiply_int16(first, first_step, second, second_step, output_step):
+    """The int16 output levels of LiteRT's 16x8 MUL of the int16 levels `first` and `second`
+    (float64): their product times `first_step x second_step / output_step`, which its Prepare
+    computes in float32, with the 31-bit fixed-point multiplier, rounded twice, clamped to int16.
+    The steps are the file's float32 scales."""
+    as_float32 = lambda step: ops.cast(step, "float32")  # noqa: E731
+    multiplier = ops.cast(as_float32(first_step) * as_float32(second_step) / as_float32(output_step), "float64")
+    levels = fixed_point.multiply_wide_by_quantized_multiplier(first * second, multiplier)
+    return ops.clip(levels, -32768.0, 32767.0)
