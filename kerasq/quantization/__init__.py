@@ -31,4 +31,4 @@ from kerasq.quantization.combine import (
 )
 from kerasq.quantization.scheme import QuantizationScheme, get_scheme
 from kerasq.quantization import export_hook  # noqa: F401  (registers quantized models with export)
-from kerasq.quantization import attention, normalization  # noqa: F401  (register their handlers)
+from kerasq.quantization import attention, einsum, normalization  # noqa: F401  (register their handlers)

@@ -111,6 +111,10 @@ class LayerHandler:
     def run(self, layer, inputs, *args, **kwargs):
         return layer(inputs, *args, **kwargs)
 
+    def unsupported_reason(self, layer):
+        """Why this handler cannot quantize this instance of its class (a few words), or None."""
+        return None
+
     def operands(self, inputs, *args, **kwargs):
         """The input tensors whose ranges `Simulation.operand_steps` gives, for a handler that
         `reads_operand_ranges` of a layer called with them as separate arguments; None otherwise."""

@@ -551,8 +551,9 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
             # after it.
             steps[node.id] = _Step(_FLOAT)
             continue
-        handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
-        if handler is None:
+        inner = _time_distributed_inner(layer) or layer
+        handler = handlers_lib.get_handler(inner)
+        if handler is None or handler.unsupported_reason(inner):
             unsupported.append(node)
         layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name)
         if layer_scheme is None:
@@ -697,8 +698,15 @@ def _fused_activation_follows(graph, node, output_node, steps):
     return handlers_lib.fused_activation_name(_unannotated(consumers[0].layer)) is not None
 
 
+def _reason(node):
+    layer = _unannotated(node.layer)
+    handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
+    reason = handler.unsupported_reason(_time_distributed_inner(layer) or layer) if handler is not None else None
+    return f": {reason}" if reason else ""
+
+
 def _unsupported_message(nodes):
-    lines = [f"  - '{node.path}' ({type(_unannotated(node.layer)).__name__})" for node in nodes]
+    lines = [f"  - '{node.path}' ({type(_unannotated(node.layer)).__name__}){_reason(node)}" for node in nodes]
     names = sorted({_unannotated(node.layer).name for node in nodes})
     return (
         "kerasq cannot quantize these layers:\n" + "\n".join(lines) + "\n"
