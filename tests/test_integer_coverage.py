@@ -87,6 +87,13 @@ def conv1d(x):
     return layers.GlobalMaxPooling1D()(layers.MaxPooling1D()(x))
 
 
+def einsum_dense(x):
+    heads = layers.EinsumDense("abc,cde->abde", output_shape=(8, 2, 8), bias_axes="de", activation="relu")(
+        layers.Reshape((8, 8))(x)
+    )
+    return layers.Flatten()(layers.EinsumDense("abcd,cde->abe", output_shape=(8, 8), bias_axes="e")(heads))
+
+
 def conv_transpose(x):
     x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")(x)
@@ -135,7 +142,7 @@ def embedding_model():
 ZOO = {
     body.__name__: (lambda body=body: _image_model(body))
     for body in (cnn, separable, residual, concatenate, dilated, upsampling, preprocessing, activations,
-                 rms_normalization, pooling, dense_head, conv1d, conv_transpose, attention, masked_attention, attention_axes,
+                 rms_normalization, pooling, dense_head, einsum_dense, conv1d, conv_transpose, attention, masked_attention, attention_axes,
                  masked_attention_axes)
 }
 ZOO["embedding"] = embedding_model
