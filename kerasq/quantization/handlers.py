@@ -447,51 +447,45 @@ class GlobalAveragePoolingHandler(LayerHandler):
         return ops.cast(levels * as_file(output_step), inputs.dtype)
 
 
-class MultiplyHandler(LayerHandler):
-    """Multiply: an int8 or int16 MUL. At inference with 16-bit activations the QAT model computes
-    two operands' product as LiteRT's int16 MUL does: the product of the input levels times
-    `scale 1 x scale 2 / output scale` (taken in float32) with TFLite's 31-bit fixed-point
-    multiplier, rounded twice (`fixed_point.multiply_wide_by_quantized_multiplier`); in float32,
-    about 0.1% of the outputs had landed a step off."""
+class _Int16BinaryHandler(LayerHandler):
+    """A layer of two inputs that is one int16 op at 16x8: at inference the QAT model computes it
+    from the two inputs' levels with `int16_levels(first, first step, second, second step, output
+    step)`, where it has a range of its own."""
 
     simulated = True
     reads_operand_ranges = True
+    int16_levels = None  # a function of requantization
+
+    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
+        steps, output_step = simulation.operand_steps, simulation.output_step
+        mirrors = _mirrors_int16_kernels(simulation) and len(inputs) == 2 and not args and not kwargs
+        if not mirrors or steps is None or None in steps or output_step is None:
+            return layer(inputs, *args, **kwargs)
+        as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
+        first, second = (ops.round(ops.cast(x, "float64") / as_file(step)) for x, step in zip(inputs, steps))
+        levels = type(self).int16_levels(first, steps[0], second, steps[1], output_step)
+        return ops.cast(levels * as_file(output_step), inputs[0].dtype)
+
+
+class MultiplyHandler(_Int16BinaryHandler):
+    """Multiply: an int8 or int16 MUL, the latter as LiteRT computes it at inference
+    (`requantization.multiply_int16`); in float32, about 0.1% of the outputs had landed a step off."""
+
+    int16_levels = staticmethod(requantization.multiply_int16)
 
     def __init__(self):
         super().__init__(output=QUANTIZE)
 
-    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
-        steps, output_step = simulation.operand_steps, simulation.output_step
-        mirrors = _mirrors_int16_kernels(simulation) and len(inputs) == 2 and not args and not kwargs
-        if not mirrors or steps is None or None in steps or output_step is None:
-            return layer(inputs, *args, **kwargs)
-        as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
-        first, second = (ops.round(ops.cast(x, "float64") / as_file(step)) for x, step in zip(inputs, steps))
-        levels = requantization.multiply_int16(first, steps[0], second, steps[1], output_step)
-        return ops.cast(levels * as_file(output_step), inputs[0].dtype)
 
+class AddHandler(_Int16BinaryHandler):
+    """Add: an int8 or int16 ADD, a ReLU after it fused; the int16 one as LiteRT's default kernel
+    computes it at inference (`requantization.add_int16`) where the Add has a range of its own; in
+    float32, 0.2% of the outputs had landed a step off."""
 
-class AddHandler(LayerHandler):
-    """Add: an int8 or int16 ADD, a ReLU after it fused. At inference with 16-bit activations the QAT
-    model computes two operands' sum as LiteRT's default int16 ADD does
-    (`requantization.add_int16`) where the Add has a range of its own; in float32, 0.2% of the
-    outputs had landed a step off."""
-
-    simulated = True
-    reads_operand_ranges = True
+    int16_levels = staticmethod(requantization.add_int16)
 
     def __init__(self):
         super().__init__(output=QUANTIZE, fuses_activation=True)
-
-    def run_simulated(self, layer, simulation, inputs, *args, **kwargs):
-        steps, output_step = simulation.operand_steps, simulation.output_step
-        mirrors = _mirrors_int16_kernels(simulation) and len(inputs) == 2 and not args and not kwargs
-        if not mirrors or steps is None or None in steps or output_step is None:
-            return layer(inputs, *args, **kwargs)
-        as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
-        first, second = (ops.round(ops.cast(x, "float64") / as_file(step)) for x, step in zip(inputs, steps))
-        levels = requantization.add_int16(first, steps[0], second, steps[1], output_step)
-        return ops.cast(levels * as_file(output_step), inputs[0].dtype)
 
 
 class LeakyReLUHandler(LayerHandler):
