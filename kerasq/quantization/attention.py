@@ -141,7 +141,7 @@ def _attend_like_int16_kernels(layer, simulation, query, value, key, mask, retur
         step = file_step(*source)
         steps = (step, simulation.bias_step_of(source), simulation.step(name))
         dense = getattr(layer, f"_{name}_dense")
-        return attention_int16.projection(attention_int16.levels_of(tensor, step), steps, dense, quantizer, 1, scale)
+        return attention_int16.projection(requantization.file_levels(tensor, step), steps, dense, quantizer, 1, scale)
 
     q = project(query, query_range, "query", layer._inverse_sqrt_key_dim)
     k, v = project(key, key_range, "key"), project(value, value_range, "value")
@@ -163,7 +163,7 @@ def _attend_like_int16_kernels(layer, simulation, query, value, key, mask, retur
     if layer._use_gate:
         # LOGISTIC's int16 table is LiteRT's own (not sigmoid(i / 24) rounded, to the step): the
         # sigmoid here is exact, rounded to its 1/32768 output, within a step of it.
-        gate = project(query, query_range, "gate") * attention_int16.as_file(simulation.step("gate"))
+        gate = project(query, query_range, "gate") * requantization.file_scale(simulation.step("gate"))
         gate = ops.clip(ops.round(ops.sigmoid(gate) / attention_int16.PROBABILITY_STEP), 0.0, 32767.0)
         context = requantization.multiply_int16(
             context, simulation.step("context"), gate, attention_int16.PROBABILITY_STEP, simulation.step("gated")
@@ -171,7 +171,7 @@ def _attend_like_int16_kernels(layer, simulation, query, value, key, mask, retur
         context_range = "gated"
     steps = (simulation.step(context_range), simulation.bias_step_of(context_range), simulation.output_step)
     outputs = attention_int16.projection(context, steps, layer._output_dense, quantizer, 2)
-    outputs = ops.cast(outputs * attention_int16.as_file(simulation.output_step), query.dtype)
+    outputs = ops.cast(outputs * requantization.file_scale(simulation.output_step), query.dtype)
     if return_scores:
         return outputs, layout.scores(ops.cast(probabilities * attention_int16.PROBABILITY_STEP, query.dtype), source)
     return outputs

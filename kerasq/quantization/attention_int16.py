@@ -21,16 +21,6 @@ PROBABILITY_STEP = 1.0 / 32768.0
 _INT16_MIN, _INT16_MAX = -32768.0, 32767.0
 
 
-def as_file(step):
-    """A scale as the file holds it (float32), in float64."""
-    return ops.cast(ops.cast(step, "float32"), "float64")
-
-
-def levels_of(x, step):
-    """The int16 levels (float64) of `x`, a tensor on the grid of `step`."""
-    return ops.round(ops.cast(x, "float64") / as_file(step))
-
-
 def projection(levels, steps, dense, weight_quantizer, bound, scale=None):
     """The int16 output levels of the EinsumDense `dense` run as one 16x8 FULLY_CONNECTED.
 
@@ -48,13 +38,13 @@ def projection(levels, steps, dense, weight_quantizer, bound, scale=None):
     quantized = weight_quantizer(kernel)
     weight_step = requantization.kernel_steps(weight_quantizer, quantized, None)
     accumulator = ops.matmul(
-        ops.reshape(levels, (-1, kernel.shape[0])), ops.round(ops.cast(quantized, "float64") / as_file(weight_step))
+        ops.reshape(levels, (-1, kernel.shape[0])), requantization.file_levels(quantized, weight_step)
     )
     if bias is not None:
         bias_step = input_bias_step * ops.cast(weight_step, "float64")
         accumulator = accumulator + fixed_point.round_half_away(ops.cast(bias, "float64") / bias_step)
     out = requantization.fully_connected_int16(
-        accumulator, as_file(input_step), as_file(weight_step), as_file(output_step), bias
+        accumulator, *(requantization.file_scale(step) for step in (input_step, weight_step, output_step)), bias
     )
     out = ops.clip(out, _INT16_MIN, _INT16_MAX)
     return ops.reshape(out, (-1,) + tuple(levels.shape[1:len(levels.shape) - bound]) + out_shape)
@@ -65,7 +55,7 @@ def batch_matmul(equation, a, a_step, b, b_step, out_step):
     out_step` (the first product in float32) with the 15-bit multiplier, clamped to int16."""
     integers = ops.einsum(equation, a, b)
     product = ops.cast(ops.cast(a_step, "float32") * ops.cast(b_step, "float32"), "float64")
-    multiplier = product / as_file(out_step)
+    multiplier = product / requantization.file_scale(out_step)
     return ops.clip(fixed_point.multiply_wide_accumulator(integers, multiplier), _INT16_MIN, _INT16_MAX)
 
 

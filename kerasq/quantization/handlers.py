@@ -440,11 +440,11 @@ class GlobalAveragePoolingHandler(LayerHandler):
         rank = len(inputs.shape)
         axes = tuple(range(1, rank - 1)) if layer.data_format == "channels_last" else tuple(range(2, rank))
         count = float(math.prod(inputs.shape[axis] for axis in axes))
-        as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
-        total = ops.sum(ops.round(ops.cast(inputs, "float64") / as_file(input_step)), axis=axes, keepdims=layer.keepdims)
-        mantissa, exponent = fixed_point.mean_multiplier(as_file(input_step) / as_file(output_step), count)
+        scale = requantization.file_scale
+        total = ops.sum(requantization.file_levels(inputs, input_step), axis=axes, keepdims=layer.keepdims)
+        mantissa, exponent = fixed_point.mean_multiplier(scale(input_step) / scale(output_step), count)
         levels = ops.clip(fixed_point.multiply_wide_by_mantissa(total, mantissa, exponent), -32768.0, 32767.0)
-        return ops.cast(levels * as_file(output_step), inputs.dtype)
+        return ops.cast(levels * scale(output_step), inputs.dtype)
 
 
 class _Int16BinaryHandler(LayerHandler):
@@ -461,10 +461,9 @@ class _Int16BinaryHandler(LayerHandler):
         mirrors = _mirrors_int16_kernels(simulation) and len(inputs) == 2 and not args and not kwargs
         if not mirrors or steps is None or None in steps or output_step is None:
             return layer(inputs, *args, **kwargs)
-        as_file = lambda step: ops.cast(ops.cast(step, "float32"), "float64")  # noqa: E731 (float32 in the file)
-        first, second = (ops.round(ops.cast(x, "float64") / as_file(step)) for x, step in zip(inputs, steps))
+        first, second = (requantization.file_levels(x, step) for x, step in zip(inputs, steps))
         levels = type(self).int16_levels(first, steps[0], second, steps[1], output_step)
-        return ops.cast(levels * as_file(output_step), inputs[0].dtype)
+        return ops.cast(levels * requantization.file_scale(output_step), inputs[0].dtype)
 
 
 class MultiplyHandler(_Int16BinaryHandler):

@@ -522,15 +522,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         enough to put 0.05-0.2% of a layer's outputs a step off the file's, 2-3 steps after six
         layers."""
         axis = self._kernel_axis(name)
-        as_file = lambda steps: ops.cast(ops.cast(steps, "float32"), "float64")  # noqa: E731 (float32 in the file)
-        input_step = as_file(handlers_lib.file_step(*input_range))
-        kernel_steps = as_file(self._kernel_steps(kernels, name, axis, dtype="float64"))
-        levels = ops.round(ops.cast(inputs, "float64") / input_step)
+        input_step = requantization.file_scale(handlers_lib.file_step(*input_range))
+        kernel_steps = requantization.file_scale(self._kernel_steps(kernels, name, axis, dtype="float64"))
+        levels = requantization.file_levels(inputs, input_step)
         kernel = ops.cast(kernels[name], "float64")
         kernel_levels = ops.round(kernel / _along_output_channels(kernel_steps, axis, kernel.shape))
-        bias_levels = None if bias is None else _levels_half_away(bias, self._bias_step(kernels, name, input_range))
+        bias_levels = None if bias is None else _bias_levels(bias, self._bias_step(kernels, name, input_range))
         accumulator = self.handler.linear(self.layer, levels, {name: kernel_levels}, bias_levels)
-        output_step = as_file(handlers_lib.file_step(*output_range))
+        output_step = requantization.file_scale(handlers_lib.file_step(*output_range))
         if self.handler.reduced_int16_multiplier:
             multiplier = input_step * kernel_steps / output_step
             output_levels = fixed_point.multiply_wide_accumulator(
@@ -564,7 +563,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if bias is None or input_range is None or not self.quantization_enabled or is_tracing_for_export():
             return bias
         step = self._bias_step(kernels, name, input_range)
-        rounded = ops.stop_gradient(ops.cast(_levels_half_away(bias, step) * step, bias.dtype))
+        rounded = ops.stop_gradient(ops.cast(_bias_levels(bias, step) * step, bias.dtype))
         return rounded + (bias - ops.stop_gradient(bias))  # exactly `rounded`, gradient as for `bias`
 
     def _requantizes_like_int16_kernels(self, input_range, output_range, every_multiplier=False):
@@ -738,10 +737,9 @@ def batchnorm_fold(bn, bias):
     return scale, beta + (bias - bn.moving_mean) * scale
 
 
-def _levels_half_away(values, step):
-    """`values / step` in float64, rounded half away from zero (as the converter rounds biases)."""
-    levels = ops.cast(values, "float64") / step
-    return ops.sign(levels) * ops.floor(ops.abs(levels) + 0.5)
+def _bias_levels(bias, step):
+    """`bias / step` in float64, rounded half away from zero (as the converter rounds biases)."""
+    return fixed_point.round_half_away(ops.cast(bias, "float64") / step)
 
 
 def _exact_in_float64():

@@ -553,8 +553,9 @@ def _plan(graph, scheme, skip, annotated_only, layer_schemes=None):
             continue
         inner = _time_distributed_inner(layer) or layer
         handler = handlers_lib.get_handler(inner)
-        if handler is None or handler.unsupported_reason(inner):
-            unsupported.append(node)
+        reason = None if handler is None else handler.unsupported_reason(inner)
+        if handler is None or reason:
+            unsupported.append((node, reason))
         layer_scheme = getattr(node.layer, "scheme", None) or (layer_schemes or {}).get(layer.name)
         if layer_scheme is None:
             layer_scheme = _gathering_scheme(scheme) if isinstance(layer, keras.layers.Embedding) else scheme
@@ -698,16 +699,13 @@ def _fused_activation_follows(graph, node, output_node, steps):
     return handlers_lib.fused_activation_name(_unannotated(consumers[0].layer)) is not None
 
 
-def _reason(node):
-    layer = _unannotated(node.layer)
-    handler = handlers_lib.get_handler(_time_distributed_inner(layer) or layer)
-    reason = handler.unsupported_reason(_time_distributed_inner(layer) or layer) if handler is not None else None
-    return f": {reason}" if reason else ""
-
-
-def _unsupported_message(nodes):
-    lines = [f"  - '{node.path}' ({type(_unannotated(node.layer)).__name__}){_reason(node)}" for node in nodes]
-    names = sorted({_unannotated(node.layer).name for node in nodes})
+def _unsupported_message(unsupported):
+    """For `[(node, reason or None)]`: the layers, why, and the fix."""
+    lines = [
+        f"  - '{node.path}' ({type(_unannotated(node.layer)).__name__})" + (f": {reason}" if reason else "")
+        for node, reason in unsupported
+    ]
+    names = sorted({_unannotated(node.layer).name for node, _ in unsupported})
     return (
         "kerasq cannot quantize these layers:\n" + "\n".join(lines) + "\n"
         f"Leave them in float with kerasq.quantize_model(model, skip={names}), or tell kerasq how "

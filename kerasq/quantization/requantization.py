@@ -44,6 +44,16 @@ def multiplier_error(multiplier):
     return reduced / (mantissa * top)
 
 
+def file_scale(step):
+    """A scale as the file holds it (float32), as a float64 tensor for exact integer arithmetic."""
+    return ops.cast(ops.cast(step, "float32"), "float64")
+
+
+def file_levels(x, step):
+    """The integer levels (float64) of `x`, a tensor on the grid of the file scale `step`."""
+    return ops.round(ops.cast(x, "float64") / file_scale(step))
+
+
 def activation_step(quantizer, state, dtype=None):
     """The scale of an activation range, as TensorFlow's fake-quant (and so the file) has it; in
     `dtype` if given (the converter's float64 for bias scales), else the range's."""
