@@ -16,6 +16,8 @@ Example:
 (16, 2, 8)
 """
 
+import math
+
 from keras import layers, ops
 
 from kerasq.quantization.handlers import DenseHandler, register_handler
@@ -47,20 +49,11 @@ class EinsumDenseHandler(DenseHandler):
             )
         return None
 
-    def kernel_axes(self, layer):
-        return {"kernel": None}
-
-    def shared_kernel_axes(self, layer):
-        # The converter gives a kernel several FULLY_CONNECTED ops read one scale per output
-        # channel: the 2D view's last axis.
-        return {"kernel": -1}
+    # Dense's kernel axes apply to the 2D view: one scale, or one per output channel (its last
+    # axis) where several FULLY_CONNECTED ops read the kernel.
 
     def kernel_view(self, layer, name, kernel):
-        bound = _bound(layer)
-        contracted = 1
-        for dim in kernel.shape[:bound]:
-            contracted *= dim
-        return ops.reshape(kernel, (contracted, -1))
+        return ops.reshape(kernel, (math.prod(kernel.shape[:_bound(layer)]), -1))
 
     def linear(self, layer, inputs, kernels, bias):
         bound = _bound(layer)
